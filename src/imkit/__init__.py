@@ -1,0 +1,1 @@
+"""imkit: instant-messaging servers on Twisted."""

@@ -1,0 +1,96 @@
+"""
+The server as a Twisted service: open the store, then listen; on stop, say goodbye, stop
+listening, flush and close the store.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+
+from imkit.server.hub import Hub
+from imkit.server.protocol import IMServerFactory
+from imkit.session.settings import ServerSettings
+from imkit.store.interface import IStore
+
+
+class IMServerService(MultiService):
+    """
+    One hub, one store, any number of listening endpoints.
+
+    Listening starts only once the store is open, so no client is ever acknowledged by a
+    server that could not store.  ``whenListening()`` gives the listening ports (tests listen on
+    port 0 and ask which port they got).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IStore,
+        passwords: Any,
+        endpoints: Sequence[IStreamServerEndpoint],
+        reactor: Any,
+        settings: ServerSettings = ServerSettings(),
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.reactor = reactor
+        self.settings = settings
+        self.hub = Hub(store, passwords, reactor, settings)
+        self.factory = IMServerFactory(self.hub, settings, reactor)
+        self.endpoints = list(endpoints)
+        self.ports: list[IListeningPort] = []
+        self._listening: defer.Deferred | None = None
+        self._waiting: list[defer.Deferred] = []
+
+    def startService(self) -> None:
+        super().startService()
+        self._listening = defer.ensureDeferred(self._start())
+        self._listening.addErrback(self._could_not_start)
+
+    async def _start(self) -> None:
+        await self.store.open()
+        self.log.info("store {store} open", store=self.store.description)
+        for endpoint in self.endpoints:
+            port = await endpoint.listen(self.factory)
+            self.ports.append(port)
+            address = port.getHost()
+            self.log.info("listening on {host}:{port}", host=getattr(address, "host", address), port=getattr(address, "port", ""))
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(list(self.ports))
+
+    def _could_not_start(self, failure: Any) -> None:
+        self.log.failure("imkit could not start", failure)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def whenListening(self) -> defer.Deferred:
+        """Deferred[list[IListeningPort]], fired once every endpoint is listening."""
+        if self.ports and len(self.ports) == len(self.endpoints):
+            return defer.succeed(list(self.ports))
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def stopService(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self._listening is not None and not self._listening.called:
+            self._listening.cancel()
+        await super().stopService()
+        ports, self.ports = self.ports, []
+        await defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
+        self.hub.shutdown()
+        self.factory.coalescer.flush()
+        await self.store.close()
+        self.log.info("store {store} closed", store=self.store.description)

@@ -1,0 +1,384 @@
+"""
+The client's side of the protocol, as one sans-IO object that outlives its connections.
+
+It keeps every unacknowledged send (the outbox) and resends it on deadlines with exponential
+backoff and jitter, across reconnects, in the order the application issued them; it dedupes and
+reorders what the server delivers, fills gaps with sync requests, and acknowledges cumulatively.
+The client library above owns the transport, the Deferreds and the application callbacks.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from typing import Any
+
+import attrs
+
+from imkit.model import Item, Message
+from imkit.session import events
+from imkit.session.deadlines import DeadlineQueue
+from imkit.session.inbound import Inbound
+from imkit.session.settings import ClientSettings
+from imkit.wire import codec, packets, schema
+from imkit.wire.errors import ErrorCode, ProtocolError
+from imkit.wire.framing import FrameReader
+
+DISCONNECTED = "disconnected"
+AWAIT_HELLO_OK = "await-hello-ok"
+AWAIT_LOGIN_RESULT = "await-login-result"
+READY = "ready"
+
+# Which server packets are legal in which client state.
+ALLOWED = {
+    schema.HELLO_OK: {AWAIT_HELLO_OK},
+    schema.LOGIN_RESULT: {AWAIT_LOGIN_RESULT},
+    schema.SEND_ACK: {READY},
+    schema.DELIVER: {READY},
+    schema.DELIVER_BUNDLE: {READY},
+    schema.SYNC_RESULT: {READY},
+    schema.HEADS: {READY},
+    schema.PING: {AWAIT_LOGIN_RESULT, READY},
+    schema.PONG: {AWAIT_LOGIN_RESULT, READY},
+    schema.ERROR: {AWAIT_HELLO_OK, AWAIT_LOGIN_RESULT, READY},
+    schema.BYE: {AWAIT_HELLO_OK, AWAIT_LOGIN_RESULT, READY},
+}
+
+
+@attrs.define
+class _Pending:
+    """One send waiting for its acknowledgement."""
+
+    packet: packets.Send | packets.Bundle
+    frame: bytes
+    attempts: int = 0
+
+
+class ClientCore:
+    """
+    Drive it with ``connection_made``, ``receive_data``, ``handle_timer`` and
+    ``connection_lost``; take its output with ``data_to_send``.  Each returns the events the
+    application should see.
+
+    ``delivered`` is the application's saved per-conversation position (a restarted bot passes
+    what it saved); with None the server's per-device cursors decide where new conversations start.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        user: str,
+        password: str,
+        device: str = "default",
+        settings: ClientSettings = ClientSettings(),
+        delivered: dict[str, int] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.clock = clock
+        self.user = user
+        self.device = device
+        self._password = password
+        self.settings = settings
+        self._rng = rng or random.SystemRandom()
+        self.state = DISCONNECTED
+        self.inbound = Inbound(delivered)
+        self._server_cursors = delivered is None
+        self._outbox: OrderedDict[int, _Pending] = OrderedDict()
+        self._expiry = DeadlineQueue()
+        self._timers = DeadlineQueue()
+        self._out: list[bytes] = []
+        self._reader = FrameReader(settings.max_frame)
+        self._heartbeat = 30.0
+        self._requests: dict[int, str | None] = {}
+        self._request_ids = 0
+        self._syncing = False
+        self.caught_up = False
+
+    # Application API ---------------------------------------------------------------------------
+
+    def send(self, target_type: int, target: str, content_type: str, body: bytes) -> int:
+        """Queue one message; returns its client message id."""
+        cmid = self._new_id()
+        packet = packets.Send(cmid, target_type, target, content_type, body)
+        self._queue(cmid, packet)
+        return cmid
+
+    def send_bundle(self, target_type: int, target: str, items: tuple[Item, ...]) -> int:
+        """Queue an atomic bundle; returns its client message id."""
+        cmid = self._new_id()
+        self._queue(cmid, packets.Bundle(cmid, target_type, target, tuple(items)))
+        return cmid
+
+    def cancel(self, client_msg_id: int) -> bool:
+        """Stop resending a send (it may already be stored). True if it was still pending."""
+        self._expiry.discard(client_msg_id)
+        self._timers.discard(("resend", client_msg_id))
+        return self._outbox.pop(client_msg_id, None) is not None
+
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._outbox)
+
+    def _new_id(self) -> int:
+        while True:
+            cmid = self._rng.getrandbits(63) + 1
+            if cmid not in self._outbox:
+                return cmid
+
+    def _queue(self, cmid: int, packet: Any) -> None:
+        frame = codec.encode(packet)
+        if len(frame) - schema.LENGTH_SIZE > self.settings.max_frame:
+            raise ValueError(f"message of {len(frame)} bytes is larger than the frame limit")
+        self._outbox[cmid] = _Pending(packet, frame)
+        if self.settings.send_timeout is not None:
+            self._expiry.set(cmid, self.clock.seconds() + self.settings.send_timeout)
+        if self.state == READY:
+            self._transmit(cmid, self._outbox[cmid])
+
+    def _transmit(self, cmid: int, pending: _Pending) -> None:
+        frame = pending.frame
+        if pending.attempts:
+            frame = frame[:5] + bytes([frame[5] | schema.FLAG_RESEND]) + frame[6:]
+        self._write(frame)
+        settings = self.settings
+        delay = min(settings.resend_initial * (2**pending.attempts), settings.resend_max)
+        delay *= 1 + settings.resend_jitter * self._rng.random()
+        pending.attempts += 1
+        self._timers.set(("resend", cmid), self.clock.seconds() + delay)
+
+    # Connection lifecycle ----------------------------------------------------------------------
+
+    def connection_made(self) -> None:
+        self.state = AWAIT_HELLO_OK
+        self._reader = FrameReader(self.settings.max_frame)
+        self._out = []
+        now = self.clock.seconds()
+        self._write(codec.encode(packets.Hello(schema.PROTOCOL_VERSION, schema.PROTOCOL_VERSION, self.settings.agent)))
+        self._timers.set("idle", now + self.settings.request_timeout * 2)
+
+    def connection_lost(self) -> None:
+        """Forget everything tied to the connection; the outbox and positions stay."""
+        self.state = DISCONNECTED
+        self._timers.clear()
+        self._requests.clear()
+        self._syncing = False
+        self.caught_up = False
+        self._out = []
+        self.inbound.ack_due.clear()
+
+    def receive_data(self, data: bytes) -> list[Any]:
+        if self.state == DISCONNECTED:
+            return []
+        found: list[Any] = []
+        try:
+            for kind, _flags, body in self._reader.feed(data):
+                allowed = ALLOWED.get(kind)
+                if allowed is None or self.state not in allowed:
+                    raise ProtocolError(ErrorCode.UNEXPECTED_PACKET, f"server sent kind {kind:#06x} in state {self.state}")
+                self._handle(kind, codec.decode_body(kind, body), found)
+                if self.state == DISCONNECTED:
+                    break
+        except ProtocolError as error:
+            self.state = DISCONNECTED
+            found.append(events.CloseConnection(f"protocol error from server: {error}"))
+        if self.state != DISCONNECTED:
+            self._timers.set("idle", self.clock.seconds() + self._heartbeat * self.settings.idle_factor)
+        return found
+
+    def _handle(self, kind: int, packet: Any, found: list[Any]) -> None:
+        if kind == schema.DELIVER:
+            released = self.inbound.offer(packet.message)
+            if released:
+                found.append(events.MessagesDelivered(tuple(released)))
+            if self.inbound.pending:
+                self._fill_gaps(found)
+        elif kind == schema.SEND_ACK:
+            self._on_ack(packet, found)
+        elif kind == schema.DELIVER_BUNDLE:
+            released = []
+            for message in packet.messages:
+                released.extend(self.inbound.offer(message))
+            if released:
+                found.append(events.MessagesDelivered(tuple(released)))
+            if self.inbound.pending:
+                self._fill_gaps(found)
+        elif kind == schema.SYNC_RESULT:
+            self._on_sync_result(packet, found)
+        elif kind == schema.HEADS:
+            for head in packet.heads:
+                if head.seq > self.inbound.delivered.get(head.conversation, 0):
+                    self._request_sync(head.conversation)
+        elif kind == schema.PING:
+            self._write(codec.encode(packets.Pong(packet.nonce)))
+        elif kind == schema.PONG:
+            pass
+        elif kind == schema.HELLO_OK:
+            self._heartbeat = packet.heartbeat_ms / 1000 or 30.0
+            self._reader.max_frame = min(self.settings.max_frame, max(packet.max_frame, 1024))
+            self.state = AWAIT_LOGIN_RESULT
+            secret = self._password.encode("utf-8")
+            self._write(codec.encode(packets.Login(schema.LOGIN_PASSWORD, self.user, self.device, secret)))
+        elif kind == schema.LOGIN_RESULT:
+            if packet.status != 0:
+                self.state = DISCONNECTED
+                found.append(events.LoginRejected(packet.status, packet.reason))
+                return
+            self.state = READY
+            found.append(events.LoggedIn(self.user, self.device, packet.server_time))
+            for cmid, pending in list(self._outbox.items()):
+                self._transmit(cmid, pending)
+            self._syncing = True
+            self._request_sync(None)
+        elif kind in (schema.ERROR, schema.BYE):
+            found.append(events.ServerError(packet.code, packet.reason))
+            if kind == schema.ERROR or packet.code != 0:
+                if self.state == AWAIT_LOGIN_RESULT:
+                    found.append(events.LoginRejected(packet.code, packet.reason))
+            self.state = DISCONNECTED
+            found.append(events.CloseConnection(f"server closed the session: {packet.reason}"))
+
+    def _on_ack(self, ack: packets.SendAck, found: list[Any]) -> None:
+        pending = self._outbox.pop(ack.client_msg_id, None)
+        if pending is None:
+            return  # an answer to a resend we no longer wait for
+        self._timers.discard(("resend", ack.client_msg_id))
+        self._expiry.discard(ack.client_msg_id)
+        if ack.status != 0:
+            found.append(events.SendRejected(ack.client_msg_id, ack))
+            return
+        found.append(events.SendAcknowledged(ack.client_msg_id, ack))
+        # Our own messages take their place in the conversation without a round trip.
+        packet = pending.packet
+        items = (Item(packet.content_type, packet.body),) if isinstance(packet, packets.Send) else packet.items
+        released = []
+        count = len(items)
+        for index, item in enumerate(items):
+            message = Message(
+                server_id=ack.server_id + index,
+                conversation=ack.conversation,
+                seq=ack.seq + index,
+                sender=self.user,
+                sender_device=self.device,
+                client_msg_id=ack.client_msg_id,
+                sent_at=ack.sent_at,
+                content_type=item.content_type,
+                body=item.body,
+                bundle_remaining=count - 1 - index,
+            )
+            released.extend(self.inbound.offer(message))
+        if released:
+            found.append(events.MessagesDelivered(tuple(released)))
+        if self.inbound.pending:
+            self._fill_gaps(found)
+
+    # Sync --------------------------------------------------------------------------------------
+
+    def _request_sync(self, conversation: str | None) -> None:
+        """Ask for everything after our positions (conversation None) or fill one gap."""
+        if conversation is not None and conversation in self._requests.values():
+            return
+        self._request_ids = (self._request_ids % 0xFFFFFFFF) + 1
+        rid = self._request_ids
+        self._requests[rid] = conversation
+        delivered = self.inbound.delivered
+        if conversation is None:
+            flags = schema.SYNC_SERVER_CURSORS if self._server_cursors else 0
+            cursors = tuple(packets.Cursor(c, s) for c, s in sorted(delivered.items()))
+        else:
+            flags = schema.SYNC_ONLY_LISTED
+            cursors = (packets.Cursor(conversation, delivered.get(conversation, 0)),)
+        self._write(codec.encode(packets.Sync(rid, flags, self.settings.sync_page, cursors)))
+        self._timers.set(("sync", rid), self.clock.seconds() + self.settings.request_timeout)
+
+    def _on_sync_result(self, result: packets.SyncResult, found: list[Any]) -> None:
+        purpose = self._requests.pop(result.request_id, "stale")
+        self._timers.discard(("sync", result.request_id))
+        released: list[Message] = []
+        for message in result.messages:
+            released.extend(self.inbound.offer(message))
+        for span in result.ranges:
+            released.extend(self.inbound.start(span.conversation, span.from_seq))
+        if purpose == "stale":
+            pass
+        elif result.more:
+            self._request_sync(purpose)
+        elif purpose is None:
+            self._syncing = False
+            # Anything still unplaced belongs to a conversation created after our sync began.
+            for conversation in self.inbound.unknown_waiting():
+                released.extend(self.inbound.start(conversation, 0))
+            if not self.caught_up:
+                self.caught_up = True
+                if released:
+                    found.append(events.MessagesDelivered(tuple(released)))
+                    released = []
+                found.append(events.CaughtUp())
+        if released:
+            found.append(events.MessagesDelivered(tuple(released)))
+        self._fill_gaps(found)
+
+    def _fill_gaps(self, found: list[Any]) -> None:
+        """Ask for what is missing behind buffered messages; place new conversations."""
+        if self._syncing or self.state != READY:
+            return
+        for conversation in self.inbound.gaps():
+            self._request_sync(conversation)
+        released: list[Message] = []
+        for conversation in self.inbound.unknown_waiting():
+            # Created after our sync began: it starts at the beginning.
+            released.extend(self.inbound.start(conversation, 0))
+        if released:
+            found.append(events.MessagesDelivered(tuple(released)))
+
+    # Output and time ---------------------------------------------------------------------------
+
+    def _write(self, frame: bytes) -> None:
+        self._out.append(frame)
+
+    def data_to_send(self) -> bytes:
+        """Everything to write now, including the cumulative acks gathered since the last call."""
+        if self.state == READY and self.inbound.ack_due:
+            for conversation, seq in self.inbound.take_acks():
+                self._out.append(codec.encode(packets.DeliverAck(conversation, seq)))
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        if self.state != DISCONNECTED:
+            self._timers.set("ping", self.clock.seconds() + self._heartbeat)
+        return b"".join(out)
+
+    def next_deadline(self) -> float | None:
+        mine = self._timers.next()
+        expiry = self._expiry.next()
+        if mine is None:
+            return expiry
+        if expiry is None:
+            return mine
+        return min(mine, expiry)
+
+    def handle_timer(self) -> list[Any]:
+        now = self.clock.seconds()
+        found: list[Any] = []
+        for cmid in list(self._expiry.pop_due(now)):
+            if self._outbox.pop(cmid, None) is not None:
+                self._timers.discard(("resend", cmid))
+                found.append(events.SendExpired(cmid))
+        for key in list(self._timers.pop_due(now)):
+            if key == "idle":
+                if self.state != DISCONNECTED:
+                    self.state = DISCONNECTED
+                    found.append(events.CloseConnection("no data from the server in time"))
+                    return found
+            elif key == "ping":
+                if self.state == READY:
+                    self._write(codec.encode(packets.Ping(int(now * 1000))))
+            elif key[0] == "resend":
+                pending = self._outbox.get(key[1])
+                if pending is not None and self.state == READY:
+                    self._transmit(key[1], pending)
+            elif key[0] == "sync":
+                purpose = self._requests.pop(key[1], "stale")
+                if purpose != "stale" and self.state == READY:
+                    self._request_sync(purpose)
+        return found

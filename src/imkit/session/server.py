@@ -1,0 +1,328 @@
+"""
+The server's side of one connection, as a sans-IO state machine.
+
+Bytes come in through ``receive_data``; what the connection wants written is taken with
+``data_to_send``; time passes through ``handle_timer``, whose next deadline is ``next_deadline``.
+The hub above answers the events (login, send, sync) by calling ``accept_login``, ``ack``,
+``deliver`` and friends.  Nothing here touches a socket, the reactor or the store.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from imkit.model import Message
+from imkit.session import events
+from imkit.session.deadlines import DeadlineQueue
+from imkit.session.settings import ServerSettings
+from imkit.wire import codec, packets, schema
+from imkit.wire.errors import ErrorCode, ProtocolError
+from imkit.wire.framing import FrameReader
+
+AWAIT_HELLO = "await-hello"
+AWAIT_LOGIN = "await-login"
+AUTHENTICATING = "authenticating"
+READY = "ready"
+CLOSED = "closed"
+
+# Every packet a client may send, and the states in which it may send it.  Anything else is an
+# UNEXPECTED_PACKET protocol error naming the state and the packet.
+ALLOWED = {
+    schema.HELLO: {AWAIT_HELLO},
+    schema.LOGIN: {AWAIT_LOGIN},
+    schema.SEND: {READY},
+    schema.BUNDLE: {READY},
+    schema.DELIVER_ACK: {READY},
+    schema.SYNC: {READY},
+    schema.PING: {AWAIT_LOGIN, AUTHENTICATING, READY},
+    schema.PONG: {AWAIT_LOGIN, AUTHENTICATING, READY},
+    schema.BYE: {AWAIT_HELLO, AWAIT_LOGIN, AUTHENTICATING, READY},
+}
+
+_LOGIN_DEADLINE = "login"
+_IDLE_DEADLINE = "idle"
+
+
+class ServerConnection:
+    """
+    One client connection: handshake, heartbeat, and the window of unacknowledged deliveries.
+
+    ``clock`` is anything with ``seconds()`` (a reactor, a ``task.Clock``).  ``on_output`` is
+    called when the connection goes from having nothing to write to having something, so the
+    adapter can schedule one coalesced write for this reactor turn.
+    """
+
+    def __init__(self, clock: Any, settings: ServerSettings = ServerSettings(), peer: str = "?") -> None:
+        self.clock = clock
+        self.settings = settings
+        self.peer = peer
+        self.state = AWAIT_HELLO
+        self.user: str | None = None
+        self.device: str | None = None
+        self.on_output: Callable[[], None] = lambda: None
+        self.close_reason: events.ConnectionClosing | None = None
+        self._reader = FrameReader(settings.max_frame)
+        self._out: list[bytes] = []
+        self._timers = DeadlineQueue()
+        self._window = DeliveryWindow(settings)
+        now = clock.seconds()
+        self._timers.set(_LOGIN_DEADLINE, now + settings.login_timeout)
+        self._timers.set(_IDLE_DEADLINE, now + settings.idle_timeout)
+
+    # Input -------------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Any]:
+        """Feed received bytes; return the events they complete (stops at the first error)."""
+        if self.state == CLOSED:
+            return []
+        self._timers.set(_IDLE_DEADLINE, self.clock.seconds() + self.settings.idle_timeout)
+        found: list[Any] = []
+        try:
+            for kind, _flags, body in self._reader.feed(data):
+                allowed = ALLOWED.get(kind)
+                if allowed is None:
+                    raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"packet kind {kind:#06x} is not one a client sends")
+                if self.state not in allowed:
+                    name = packets.PACKET_CLASSES[kind].__name__
+                    raise ProtocolError(ErrorCode.UNEXPECTED_PACKET, f"{name} is not allowed in state {self.state}")
+                event = self._handle(kind, codec.decode_body(kind, body))
+                if event is not None:
+                    found.append(event)
+                if self.state == CLOSED:
+                    break
+            opened = self._window.take_opened()
+            if opened:
+                found.append(events.WindowOpened(opened))
+        except ProtocolError as error:
+            found.append(self.fail(error.code, error.reason))
+        return found
+
+    def _handle(self, kind: int, packet: Any) -> Any:
+        if kind == schema.DELIVER_ACK:
+            self._window.ack(packet.conversation, packet.seq)
+            return events.DeliveryAcked(packet.conversation, packet.seq)
+        if kind == schema.SEND or kind == schema.BUNDLE:
+            return events.SendRequested(packet)
+        if kind == schema.SYNC:
+            return events.SyncRequested(packet)
+        if kind == schema.PING:
+            self._write(codec.encode(packets.Pong(packet.nonce)))
+            return None
+        if kind == schema.PONG:
+            return None
+        if kind == schema.HELLO:
+            if not packet.min_version <= schema.PROTOCOL_VERSION <= packet.max_version:
+                raise ProtocolError(
+                    ErrorCode.UNSUPPORTED_VERSION,
+                    f"client speaks versions {packet.min_version}-{packet.max_version}, server speaks {schema.PROTOCOL_VERSION}",
+                )
+            self.state = AWAIT_LOGIN
+            settings = self.settings
+            self._write(
+                codec.encode(
+                    packets.HelloOk(schema.PROTOCOL_VERSION, settings.max_frame, int(settings.heartbeat * 1000), settings.agent)
+                )
+            )
+            return None
+        if kind == schema.LOGIN:
+            self.state = AUTHENTICATING
+            return events.LoginRequested(packet.method, packet.user, packet.device, packet.secret)
+        if kind == schema.BYE:
+            return self.close(ErrorCode.OK, "client said goodbye", say_bye=False)
+        raise AssertionError(f"no handler for allowed kind {kind}")  # pragma: no cover - table and handlers agree
+
+    # Answers from the hub ----------------------------------------------------------------------
+
+    def accept_login(self, user: str, device: str, resume_token: bytes = b"") -> None:
+        if self.state != AUTHENTICATING:
+            return
+        self.state = READY
+        self.user = user
+        self.device = device
+        self._timers.discard(_LOGIN_DEADLINE)
+        self._write(codec.encode(packets.LoginResult(0, _ms(self.clock), resume_token, "")))
+
+    def reject_login(self, code: ErrorCode, reason: str) -> events.ConnectionClosing | None:
+        if self.state != AUTHENTICATING:
+            return None
+        self._write(codec.encode(packets.LoginResult(int(code), _ms(self.clock), b"", reason)))
+        return self.close(code, reason, say_bye=False)
+
+    def ack(self, ack: packets.SendAck) -> None:
+        if self.state == READY:
+            self._write(codec.encode(ack))
+
+    def deliver(self, message: Message) -> bool:
+        """Push one message; False if the window is full (the client will be told to sync)."""
+        if self.state != READY:
+            return False
+        return self._push(message.conversation, message.seq, codec.encode(packets.Deliver(message)))
+
+    def deliver_bundle(self, messages: tuple[Message, ...]) -> bool:
+        """Push an atomic bundle in one frame."""
+        if self.state != READY:
+            return False
+        last = messages[-1]
+        return self._push(last.conversation, last.seq, codec.encode(packets.DeliverBundle(messages)))
+
+    def _push(self, conversation: str, seq: int, frame: bytes) -> bool:
+        if not self._window.add(conversation, seq, frame, self.clock.seconds()):
+            return False
+        self._write(frame)
+        return True
+
+    def send_packet(self, packet: Any) -> None:
+        """Write a reply that needs no tracking (sync results, heads)."""
+        if self.state == READY:
+            self._write(codec.encode(packet))
+
+    @property
+    def unacked(self) -> int:
+        return len(self._window)
+
+    # Ending ------------------------------------------------------------------------------------
+
+    def fail(self, code: ErrorCode, reason: str) -> events.ConnectionClosing:
+        """Tell the client what it did wrong in an Error frame, then close."""
+        if self.state != CLOSED:
+            self._write(codec.encode(packets.Error(int(code), reason)))
+        return self.close(code, reason, say_bye=False)
+
+    def close(self, code: ErrorCode, reason: str, say_bye: bool = True) -> events.ConnectionClosing:
+        if self.state != CLOSED:
+            if say_bye:
+                self._write(codec.encode(packets.Bye(int(code), reason)))
+            self.state = CLOSED
+            self.close_reason = events.ConnectionClosing(int(code), reason)
+            self._timers.clear()
+            self._window.clear()
+            self.on_output()
+        assert self.close_reason is not None
+        return self.close_reason
+
+    # Output and time ---------------------------------------------------------------------------
+
+    def _write(self, frame: bytes) -> None:
+        if not self._out:
+            self._out.append(frame)
+            self.on_output()
+        else:
+            self._out.append(frame)
+
+    def data_to_send(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def next_deadline(self) -> float | None:
+        mine = self._timers.next()
+        window = self._window.next_deadline()
+        if mine is None:
+            return window
+        if window is None:
+            return mine
+        return min(mine, window)
+
+    def handle_timer(self) -> list[Any]:
+        """Resend overdue deliveries and enforce the login and idle deadlines."""
+        if self.state == CLOSED:
+            return []
+        now = self.clock.seconds()
+        for key in self._timers.pop_due(now):
+            if key == _LOGIN_DEADLINE and self.state != READY:
+                return [self.fail(ErrorCode.IDLE_TIMEOUT, "no login in time")]
+            if key == _IDLE_DEADLINE:
+                return [self.fail(ErrorCode.IDLE_TIMEOUT, "connection idle for too long")]
+        for frame in self._window.due(now):
+            self._write(frame)
+        return []
+
+
+def _ms(clock: Any) -> int:
+    return int(clock.seconds() * 1000)
+
+
+class DeliveryWindow:
+    """
+    Deliveries sent but not yet acknowledged, with their resend deadlines (the seed's
+    "acknowledgement list").
+
+    Keys are ``(conversation, seq)`` of the last message in the frame; a cumulative ack for a
+    conversation clears every entry up to its seq.  When ``max_unacked`` are in flight, further
+    pushes are refused and remembered per conversation, so the hub can tell the client to sync
+    once there is room again.
+    """
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self._settings = settings
+        self._frames: dict[tuple[str, int], tuple[bytes, float]] = {}
+        self._by_conversation: dict[str, list[int]] = {}
+        self._deadlines = DeadlineQueue()
+        self._held_back: set[str] = set()
+        self._opened: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def add(self, conversation: str, seq: int, frame: bytes, now: float) -> bool:
+        if len(self._frames) >= self._settings.max_unacked:
+            self._held_back.add(conversation)
+            return False
+        key = (conversation, seq)
+        if key in self._frames:
+            return False
+        timeout = self._settings.ack_timeout
+        self._frames[key] = (frame, timeout)
+        seqs = self._by_conversation.setdefault(conversation, [])
+        seqs.append(seq)
+        if len(seqs) > 1 and seqs[-2] > seq:
+            seqs.sort()
+        self._deadlines.set(key, now + timeout)
+        return True
+
+    def ack(self, conversation: str, seq: int) -> None:
+        seqs = self._by_conversation.get(conversation)
+        if not seqs:
+            return
+        done = 0
+        for pending in seqs:
+            if pending > seq:
+                break
+            key = (conversation, pending)
+            del self._frames[key]
+            self._deadlines.discard(key)
+            done += 1
+        if done == len(seqs):
+            del self._by_conversation[conversation]
+        else:
+            del seqs[:done]
+        if self._held_back and len(self._frames) <= self._settings.max_unacked // 2:
+            self._opened = tuple(sorted(self._held_back))
+            self._held_back.clear()
+
+    def take_opened(self) -> tuple[str, ...]:
+        opened, self._opened = self._opened, ()
+        return opened
+
+    def next_deadline(self) -> float | None:
+        return self._deadlines.next()
+
+    def due(self, now: float) -> list[bytes]:
+        """Frames to resend now (marked as resends), each with its next deadline doubled."""
+        resend = []
+        limit = self._settings.ack_timeout_max
+        for key in list(self._deadlines.pop_due(now)):
+            frame, timeout = self._frames[key]
+            timeout = min(timeout * 2, limit)
+            self._frames[key] = (frame, timeout)
+            self._deadlines.set(key, now + timeout)
+            resend.append(frame[:5] + bytes([frame[5] | schema.FLAG_RESEND]) + frame[6:])
+        return resend
+
+    def clear(self) -> None:
+        self._frames.clear()
+        self._by_conversation.clear()
+        self._deadlines.clear()
+        self._held_back.clear()

@@ -1,0 +1,48 @@
+"""Tunable timings and limits of the sessions, with defaults that suit a chat service."""
+
+from __future__ import annotations
+
+import attrs
+
+from imkit.wire.schema import DEFAULT_MAX_FRAME
+
+
+@attrs.frozen
+class ServerSettings:
+    """Per-connection limits and timers of the server side."""
+
+    max_frame: int = DEFAULT_MAX_FRAME
+    heartbeat: float = 30.0
+    """How often clients should ping when otherwise idle (told to them in HelloOk)."""
+    idle_timeout: float = 90.0
+    """A connection that sends nothing for this long is closed."""
+    login_timeout: float = 20.0
+    """Hello and login must be done within this long of connecting."""
+    ack_timeout: float = 5.0
+    """First resend of an unacknowledged delivery after this long; doubles up to ack_timeout_max."""
+    ack_timeout_max: float = 60.0
+    max_unacked: int = 10_000
+    """Deliveries in flight per connection; past it, the client is told to sync instead."""
+    sync_page: int = 500
+    """Messages per sync answer at most (pages are also kept under the frame size)."""
+    max_body: int = 256 * 1024
+    agent: str = "imkit"
+
+
+@attrs.frozen
+class ClientSettings:
+    """Timers of the client side."""
+
+    max_frame: int = DEFAULT_MAX_FRAME
+    resend_initial: float = 2.0
+    """First resend of an unacknowledged send after this long; then backoff with jitter."""
+    resend_max: float = 30.0
+    resend_jitter: float = 0.2
+    send_timeout: float | None = 300.0
+    """A send not acknowledged within this long fails (None: keep trying for ever)."""
+    request_timeout: float = 10.0
+    """A sync answer not received within this long is asked for again."""
+    idle_factor: float = 3.0
+    """The connection is considered dead after this many heartbeat intervals of silence."""
+    sync_page: int = 500
+    agent: str = "imkit-client"

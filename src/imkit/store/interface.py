@@ -1,0 +1,96 @@
+"""
+The one narrow storage interface every backend implements.
+
+Every method returns a Deferred, so a backend may do its I/O on a thread (SQLite), over the network
+(PostgreSQL) or not at all (memory), and the server above cannot tell the difference.  The contract
+test suite in ``tests/store_contract.py`` is the executable definition of what each method promises.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class StoreError(Exception):
+    """Base class for errors a store reports through its Deferreds."""
+
+
+class UserExists(StoreError):
+    """``add_user`` was asked to create a user name that is taken."""
+
+
+class UnknownUser(StoreError):
+    """The named user does not exist."""
+
+
+class NotAMember(StoreError):
+    """The user is not a member of the conversation it tried to use."""
+
+
+class IStore(Interface):
+    """Durable users, messages, sequences, dedupe records and delivery cursors."""
+
+    description = Attribute("A short human-readable description, e.g. 'sqlite:/path/to/db'.")
+
+    def open():
+        """Make the store ready (create the schema, start threads). Deferred[None]."""
+
+    def close():
+        """Flush everything acknowledged so far and release resources. Deferred[None]."""
+
+    # Users -------------------------------------------------------------------------------------
+
+    def add_user(name, password_hash):
+        """Create a user. Deferred[None]; fails with UserExists if the name is taken."""
+
+    def password_hash(name):
+        """Deferred[str | None]: the stored hash, or None if there is no such user."""
+
+    def set_password_hash(name, password_hash):
+        """Replace a user's hash. Deferred[None]; fails with UnknownUser."""
+
+    def list_users():
+        """Deferred[list[str]]: every user name, sorted."""
+
+    # Messages ----------------------------------------------------------------------------------
+
+    def append(submission):
+        """
+        Store a Submission atomically and durably. Deferred[Appended].
+
+        All its items get consecutive sequence numbers in its conversation (one more than the
+        conversation's head for the first), fresh unique server ids, the submission's sent_at and
+        client_msg_id, and bundle_remaining counting down to 0.  The conversation is created and
+        ``submission.members`` are made members if needed.  If a submission with the same
+        (sender, sender_device, client_msg_id) was stored before — even before a restart — nothing
+        is written and the originally stored messages come back with ``duplicate=True``.
+        The Deferred fires only once the write is durable.  It fails with ValueError, writing
+        nothing, if the submission has no items or its client_msg_id is not an unsigned 64-bit int.
+        """
+
+    def read(conversation, after_seq, limit):
+        """
+        Deferred[list[Message]]: messages of ``conversation`` with seq > after_seq in order, at
+        most ``limit`` of them except that a bundle is never cut: if the last one has
+        bundle_remaining > 0 the rest of its bundle is included too.
+        """
+
+    def head(conversation):
+        """Deferred[int]: the conversation's highest sequence number (0 if it has none)."""
+
+    def members(conversation):
+        """Deferred[tuple[str, ...]]: the conversation's members, sorted (empty if unknown)."""
+
+    def conversations(user):
+        """Deferred[dict[str, int]]: every conversation the user is a member of -> its head seq."""
+
+    # Delivery cursors --------------------------------------------------------------------------
+
+    def set_cursor(user, device, conversation, seq):
+        """
+        Record that ``device`` of ``user`` has acknowledged ``conversation`` up to ``seq``.
+        Deferred[None].  Cursors only move forward: a lower seq than the stored one is ignored.
+        """
+
+    def cursors(user, device):
+        """Deferred[dict[str, int]]: the device's acknowledged seq per conversation."""

@@ -1,0 +1,576 @@
+"""
+The SQLite store: one database file, one worker thread, batched commits.
+
+The reactor thread never touches SQLite.  Every call becomes an operation on a queue; one worker
+thread owns the connection, takes everything queued (up to ``batch_limit`` operations), runs it in
+one transaction with one commit, and hands every result back to the reactor with one
+``callFromThread``.  Committing a whole batch at once is what keeps durable storage from capping
+throughput: a thousand appends waiting together cost one commit, not a thousand.
+
+Each operation runs inside its own SAVEPOINT, so one that fails (a taken user name, say) is rolled
+back and fails only its own Deferred, not the rest of the batch.  Sequence numbers and dedupe are
+decided inside the worker's transaction; the worker is the only process that writes messages (the
+``imkit user`` CLI opens the same file but only ever writes users), and SQLite's busy timeout lets
+the two take turns on the write lock.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+from typing import Any, Callable
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from imkit.model import Appended, Message, Submission
+from imkit.store.interface import IStore, StoreError, UnknownUser, UserExists
+from imkit.store.memory import check_submission
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = (
+    "CREATE TABLE users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL)",
+    "CREATE TABLE conversations (id TEXT PRIMARY KEY, head_seq INTEGER NOT NULL)",
+    "CREATE TABLE members ("
+    " conversation TEXT NOT NULL, user TEXT NOT NULL,"
+    " PRIMARY KEY (conversation, user)) WITHOUT ROWID",
+    "CREATE INDEX members_by_user ON members (user)",
+    # client_msg_id is stored as a signed 64-bit two's complement: see _to_signed.
+    "CREATE TABLE messages ("
+    " server_id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " conversation TEXT NOT NULL, seq INTEGER NOT NULL,"
+    " sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id INTEGER NOT NULL,"
+    " sent_at INTEGER NOT NULL, content_type TEXT NOT NULL, body BLOB NOT NULL,"
+    " bundle_remaining INTEGER NOT NULL,"
+    " UNIQUE (conversation, seq))",
+    "CREATE TABLE dedupe ("
+    " sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id INTEGER NOT NULL,"
+    " conversation TEXT NOT NULL, first_seq INTEGER NOT NULL, count INTEGER NOT NULL,"
+    " PRIMARY KEY (sender, sender_device, client_msg_id)) WITHOUT ROWID",
+    "CREATE TABLE cursors ("
+    " user TEXT NOT NULL, device TEXT NOT NULL, conversation TEXT NOT NULL,"
+    " seq INTEGER NOT NULL,"
+    " PRIMARY KEY (user, device, conversation)) WITHOUT ROWID",
+)
+
+_MESSAGE_COLUMNS = (
+    "server_id, conversation, seq, sender, sender_device, client_msg_id, sent_at,"
+    " content_type, body, bundle_remaining"
+)
+
+# SQLite's LIMIT takes a signed 64-bit value, and a negative one means "no limit".
+_MAX_LIMIT = 2**62
+
+
+class SchemaVersionError(StoreError):
+    """The database file was written by a different version of imkit's schema."""
+
+
+class StoreClosed(StoreError):
+    """The store was used before ``open`` or after ``close`` (or after it failed)."""
+
+
+def _to_signed(value: int) -> int:
+    """Map an unsigned 64-bit client id onto SQLite's signed 64-bit INTEGER (two's complement)."""
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _from_signed(value: int) -> int:
+    """Undo _to_signed."""
+    return value + 2**64 if value < 0 else value
+
+
+def _message(row: tuple) -> Message:
+    return Message(
+        server_id=row[0],
+        conversation=row[1],
+        seq=row[2],
+        sender=row[3],
+        sender_device=row[4],
+        client_msg_id=_from_signed(row[5]),
+        sent_at=row[6],
+        content_type=row[7],
+        body=bytes(row[8]),
+        bundle_remaining=row[9],
+    )
+
+
+def _messages_between(
+    connection: sqlite3.Connection, conversation: str, first: int, last: int
+) -> list[Message]:
+    rows = connection.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+        " WHERE conversation = ? AND seq >= ? AND seq <= ? ORDER BY seq",
+        (conversation, first, last),
+    )
+    return [_message(row) for row in rows]
+
+
+# Operations: each runs on the worker thread inside the batch transaction ----------------------
+
+
+def _add_user(connection: sqlite3.Connection, name: str, password_hash: str) -> None:
+    try:
+        connection.execute(
+            "INSERT INTO users (name, password_hash) VALUES (?, ?)", (name, password_hash)
+        )
+    except sqlite3.IntegrityError:
+        raise UserExists(name) from None
+
+
+def _password_hash(connection: sqlite3.Connection, name: str) -> str | None:
+    row = connection.execute("SELECT password_hash FROM users WHERE name = ?", (name,)).fetchone()
+    return None if row is None else row[0]
+
+
+def _set_password_hash(connection: sqlite3.Connection, name: str, password_hash: str) -> None:
+    cursor = connection.execute(
+        "UPDATE users SET password_hash = ? WHERE name = ?", (password_hash, name)
+    )
+    if cursor.rowcount == 0:
+        raise UnknownUser(name)
+
+
+def _list_users(connection: sqlite3.Connection) -> list[str]:
+    return [row[0] for row in connection.execute("SELECT name FROM users ORDER BY name")]
+
+
+def _append(connection: sqlite3.Connection, submission: Submission) -> Appended:
+    client_msg_id = _to_signed(submission.client_msg_id)
+    original = connection.execute(
+        "SELECT conversation, first_seq, count FROM dedupe"
+        " WHERE sender = ? AND sender_device = ? AND client_msg_id = ?",
+        (submission.sender, submission.sender_device, client_msg_id),
+    ).fetchone()
+    if original is not None:
+        conversation, first, count = original
+        messages = _messages_between(connection, conversation, first, first + count - 1)
+        return Appended(messages=tuple(messages), duplicate=True)
+
+    conversation = submission.conversation
+    row = connection.execute(
+        "SELECT head_seq FROM conversations WHERE id = ?", (conversation,)
+    ).fetchone()
+    if row is None:
+        head = 0
+        connection.execute(
+            "INSERT INTO conversations (id, head_seq) VALUES (?, 0)", (conversation,)
+        )
+    else:
+        head = row[0]
+    connection.executemany(
+        "INSERT OR IGNORE INTO members (conversation, user) VALUES (?, ?)",
+        [(conversation, member) for member in submission.members],
+    )
+    count = len(submission.items)
+    messages = []
+    for index, item in enumerate(submission.items):
+        body = bytes(item.body)
+        seq = head + 1 + index
+        remaining = count - 1 - index
+        cursor = connection.execute(
+            "INSERT INTO messages (conversation, seq, sender, sender_device, client_msg_id,"
+            " sent_at, content_type, body, bundle_remaining) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                conversation,
+                seq,
+                submission.sender,
+                submission.sender_device,
+                client_msg_id,
+                submission.sent_at,
+                item.content_type,
+                body,
+                remaining,
+            ),
+        )
+        messages.append(
+            Message(
+                server_id=cursor.lastrowid,
+                conversation=conversation,
+                seq=seq,
+                sender=submission.sender,
+                sender_device=submission.sender_device,
+                client_msg_id=submission.client_msg_id,
+                sent_at=submission.sent_at,
+                content_type=item.content_type,
+                body=body,
+                bundle_remaining=remaining,
+            )
+        )
+    connection.execute(
+        "UPDATE conversations SET head_seq = ? WHERE id = ?", (head + count, conversation)
+    )
+    connection.execute(
+        "INSERT INTO dedupe (sender, sender_device, client_msg_id, conversation, first_seq, count)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (submission.sender, submission.sender_device, client_msg_id, conversation, head + 1, count),
+    )
+    return Appended(messages=tuple(messages))
+
+
+def _read(
+    connection: sqlite3.Connection, conversation: str, after_seq: int, limit: int
+) -> list[Message]:
+    if limit <= 0:
+        return []
+    rows = connection.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+        " WHERE conversation = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (conversation, after_seq, min(limit, _MAX_LIMIT)),
+    )
+    messages = [_message(row) for row in rows]
+    if messages and messages[-1].bundle_remaining:
+        last = messages[-1]
+        messages += _messages_between(
+            connection, conversation, last.seq + 1, last.seq + last.bundle_remaining
+        )
+    return messages
+
+
+def _head(connection: sqlite3.Connection, conversation: str) -> int:
+    row = connection.execute(
+        "SELECT head_seq FROM conversations WHERE id = ?", (conversation,)
+    ).fetchone()
+    return 0 if row is None else row[0]
+
+
+def _members(connection: sqlite3.Connection, conversation: str) -> tuple[str, ...]:
+    rows = connection.execute(
+        "SELECT user FROM members WHERE conversation = ? ORDER BY user", (conversation,)
+    )
+    return tuple(row[0] for row in rows)
+
+
+def _conversations(connection: sqlite3.Connection, user: str) -> dict[str, int]:
+    rows = connection.execute(
+        "SELECT conversations.id, conversations.head_seq FROM members"
+        " JOIN conversations ON conversations.id = members.conversation"
+        " WHERE members.user = ?",
+        (user,),
+    )
+    return dict(rows.fetchall())
+
+
+def _set_cursor(
+    connection: sqlite3.Connection, user: str, device: str, conversation: str, seq: int
+) -> None:
+    connection.execute(
+        "INSERT INTO cursors (user, device, conversation, seq) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (user, device, conversation) DO UPDATE SET seq = excluded.seq"
+        " WHERE excluded.seq > cursors.seq",
+        (user, device, conversation, seq),
+    )
+
+
+def _cursors(connection: sqlite3.Connection, user: str, device: str) -> dict[str, int]:
+    rows = connection.execute(
+        "SELECT conversation, seq FROM cursors WHERE user = ? AND device = ?", (user, device)
+    )
+    return dict(rows.fetchall())
+
+
+# The store -------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Operation:
+    """One queued call: what to run on the worker, whether it writes, and whom to tell."""
+
+    function: Callable[..., Any]
+    args: tuple
+    write: bool
+    deferred: defer.Deferred
+
+
+_CLOSE = object()  # queued by close(): the worker finishes what is ahead of it, then stops
+
+
+@implementer(IStore)
+class SQLiteStore:
+    """
+    IStore in one SQLite file, with all I/O on one worker thread.
+
+    Durability: the database runs in WAL mode, and with ``synchronous="FULL"`` (the default) every
+    commit syncs the WAL before any Deferred of its batch fires, so an acknowledged write survives
+    a power failure too.  Batching makes that one sync per batch, which costs next to nothing in
+    throughput.  ``synchronous="NORMAL"`` skips the sync: in WAL mode a commit is still durable
+    against a crash of the process (the transaction is in the WAL file, which SQLite replays on the
+    next open), but the last acknowledged commits may be lost if the machine crashes or loses power.
+
+    ``busy_timeout`` (seconds) is how long either side waits for the write lock when another
+    process — the ``imkit user add`` CLI — holds it.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        reactor: Any = None,
+        batch_limit: int = 500,
+        busy_timeout: float = 5.0,
+        synchronous: str = "FULL",
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        if batch_limit < 1:
+            raise ValueError(f"batch_limit must be at least 1, not {batch_limit!r}")
+        if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
+        self.path = path
+        self.description = f"sqlite:{path}"
+        self.batch_limit = batch_limit
+        self._reactor = reactor
+        self._busy_timeout = busy_timeout
+        self._synchronous = synchronous.upper()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        # new -> open -> closing -> closed; or failed if opening or the worker failed.
+        self._state = "new"
+        self._opening: defer.Deferred | None = None
+        self._closing: list[defer.Deferred] = []
+
+    # Life cycle (reactor thread) ---------------------------------------------------------------
+
+    def open(self) -> defer.Deferred:
+        if self._state != "new":
+            return defer.fail(StoreError(f"{self.description} can only be opened once"))
+        self._state = "open"
+        self._opening = defer.Deferred()
+        self._thread = threading.Thread(
+            target=self._work, name=f"imkit {self.description}", daemon=True
+        )
+        self._thread.start()
+        return self._opening
+
+    def close(self) -> defer.Deferred:
+        if self._state == "new":
+            self._state = "closed"
+        if self._state in ("closed", "failed"):
+            return defer.succeed(None)
+        closed: defer.Deferred = defer.Deferred()
+        self._closing.append(closed)
+        if self._state == "open":
+            self._state = "closing"
+            self._queue.put(_CLOSE)
+        return closed
+
+    def _opened(self) -> None:
+        self.log.info("Opened {description}", description=self.description)
+        opening, self._opening = self._opening, None
+        opening.callback(None)
+
+    def _deliver(self, outcomes: list[tuple[defer.Deferred, Any]]) -> None:
+        """Fire a batch's Deferreds, in the order their calls were made."""
+        for deferred, outcome in outcomes:
+            if isinstance(outcome, Failure):
+                deferred.errback(outcome)
+            else:
+                deferred.callback(outcome)
+
+    def _stopped(self, failure: Failure | None) -> None:
+        """The worker closed the connection and is exiting."""
+        self._join()
+        self._state = "closed"
+        self.log.info("Closed {description}", description=self.description)
+        closing, self._closing = self._closing, []
+        for closed in closing:
+            if failure is None:
+                closed.callback(None)
+            else:
+                closed.errback(failure)
+
+    def _failed(self, failure: Failure, opening: bool) -> None:
+        """The worker could not open the database, or died: fail everything still waiting."""
+        self._join()
+        self._state = "failed"
+        if not opening:
+            self.log.failure("{description} stopped working", failure, description=self.description)
+        if self._opening is not None:
+            self._opening, deferred = None, self._opening
+            deferred.errback(failure)
+        while True:
+            try:
+                operation = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if operation is not _CLOSE:
+                operation.deferred.errback(failure)
+        closing, self._closing = self._closing, []
+        for closed in closing:
+            closed.callback(None)
+
+    def _join(self) -> None:
+        # The worker's last act is the callFromThread that brought us here, so this is brief.
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _submit(self, function: Callable[..., Any], *args: Any, write: bool) -> defer.Deferred:
+        if self._state != "open":
+            return defer.fail(StoreClosed(f"{self.description} is not open"))
+        deferred: defer.Deferred = defer.Deferred()
+        self._queue.put(_Operation(function, args, write, deferred))
+        return deferred
+
+    # IStore ------------------------------------------------------------------------------------
+
+    def add_user(self, name: str, password_hash: str) -> defer.Deferred:
+        return self._submit(_add_user, name, password_hash, write=True)
+
+    def password_hash(self, name: str) -> defer.Deferred:
+        return self._submit(_password_hash, name, write=False)
+
+    def set_password_hash(self, name: str, password_hash: str) -> defer.Deferred:
+        return self._submit(_set_password_hash, name, password_hash, write=True)
+
+    def list_users(self) -> defer.Deferred:
+        return self._submit(_list_users, write=False)
+
+    def append(self, submission: Submission) -> defer.Deferred:
+        try:
+            check_submission(submission)
+        except ValueError:
+            return defer.fail()
+        return self._submit(_append, submission, write=True)
+
+    def read(self, conversation: str, after_seq: int, limit: int) -> defer.Deferred:
+        return self._submit(_read, conversation, after_seq, limit, write=False)
+
+    def head(self, conversation: str) -> defer.Deferred:
+        return self._submit(_head, conversation, write=False)
+
+    def members(self, conversation: str) -> defer.Deferred:
+        return self._submit(_members, conversation, write=False)
+
+    def conversations(self, user: str) -> defer.Deferred:
+        return self._submit(_conversations, user, write=False)
+
+    def set_cursor(self, user: str, device: str, conversation: str, seq: int) -> defer.Deferred:
+        return self._submit(_set_cursor, user, device, conversation, seq, write=True)
+
+    def cursors(self, user: str, device: str) -> defer.Deferred:
+        return self._submit(_cursors, user, device, write=False)
+
+    # The worker thread -------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        call = self._reactor.callFromThread
+        try:
+            connection = self._connect()
+        except BaseException:
+            call(self._failed, Failure(), True)
+            return
+        call(self._opened)
+        try:
+            stopping = False
+            while not stopping:
+                batch, stopping = self._take()
+                if batch:
+                    call(self._deliver, self._run_batch(connection, batch))
+        except BaseException:
+            failure = Failure()
+            connection.close()
+            call(self._failed, failure, False)
+            return
+        try:
+            connection.close()
+        except BaseException:
+            call(self._stopped, Failure())
+        else:
+            call(self._stopped, None)
+
+    def _take(self) -> tuple[list[_Operation], bool]:
+        """Wait for work, then take everything queued up to batch_limit; True when told to stop."""
+        first = self._queue.get()
+        if first is _CLOSE:
+            return [], True
+        batch = [first]
+        while len(batch) < self.batch_limit:
+            try:
+                operation = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if operation is _CLOSE:
+                return batch, True
+            batch.append(operation)
+        return batch, False
+
+    def _run_batch(
+        self, connection: sqlite3.Connection, batch: list[_Operation]
+    ) -> list[tuple[defer.Deferred, Any]]:
+        """
+        Run a batch in one transaction; each operation's outcome is its result or its Failure.
+
+        A failing operation is rolled back to its savepoint and the rest carry on; if the
+        transaction itself fails (cannot begin or commit), every operation fails with it, since
+        none of their writes took effect.
+        """
+        outcomes: list[tuple[defer.Deferred, Any]] = []
+        try:
+            writes = any(operation.write for operation in batch)
+            # IMMEDIATE takes the write lock up front, waiting out the CLI via busy_timeout.
+            connection.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+            for operation in batch:
+                connection.execute("SAVEPOINT operation")
+                try:
+                    outcome = operation.function(connection, *operation.args)
+                except Exception:
+                    outcome = Failure()
+                    connection.execute("ROLLBACK TO operation")
+                connection.execute("RELEASE operation")
+                outcomes.append((operation.deferred, outcome))
+            connection.execute("COMMIT")
+        except Exception:
+            failure = Failure()
+            if connection.in_transaction:
+                try:
+                    connection.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            return [(operation.deferred, failure) for operation in batch]
+        return outcomes
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+        try:
+            connection.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal" and self.path != ":memory:":
+                raise StoreError(f"{self.description} cannot use WAL mode (it is in {mode} mode)")
+            connection.execute(f"PRAGMA synchronous = {self._synchronous}")
+            self._create_schema(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _create_schema(self, connection: sqlite3.Connection) -> None:
+        """Create the tables in a new file, or check that an existing one has our version."""
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+                if tables:
+                    raise SchemaVersionError(
+                        f"{self.description} is a database imkit did not create (it has tables"
+                        " but no imkit schema version): use a new file"
+                    )
+                for statement in _SCHEMA:
+                    connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"{self.description} has schema version {version}, but this imkit only knows"
+                    f" version {SCHEMA_VERSION}: use the imkit release that wrote it"
+                )
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise

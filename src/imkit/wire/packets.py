@@ -1,0 +1,190 @@
+"""
+Packets as frozen value objects, one class per kind in ``imkit.wire.schema.BODIES``.
+
+Field names match the construct declarations exactly (checked when ``imkit.wire.codec`` is
+imported), so a packet is what the schema says and nothing else.  construct ``Container``s never
+leave the wire package: everything above it sees these objects.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from imkit.model import Item, Message
+from imkit.wire import schema
+
+
+@attrs.frozen
+class Cursor:
+    """A conversation and a sequence number in it (a client's position, or a head)."""
+
+    conversation: str
+    seq: int
+
+
+@attrs.frozen
+class Range:
+    """Where a sync answer starts in a conversation (exclusive) and where the conversation ends."""
+
+    conversation: str
+    from_seq: int
+    head_seq: int
+
+
+@attrs.frozen
+class Hello:
+    min_version: int
+    max_version: int
+    agent: str
+
+
+@attrs.frozen
+class HelloOk:
+    version: int
+    max_frame: int
+    heartbeat_ms: int
+    agent: str
+
+
+@attrs.frozen
+class Login:
+    method: int
+    user: str
+    device: str
+    secret: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class LoginResult:
+    status: int
+    server_time: int
+    resume_token: bytes = attrs.field(repr=False)
+    reason: str
+
+
+@attrs.frozen
+class Send:
+    client_msg_id: int
+    target_type: int
+    target: str
+    content_type: str
+    body: bytes
+
+
+@attrs.frozen
+class SendAck:
+    """
+    The server's receipt for a Send or Bundle: stored as ``seq``..``seq + count - 1``.
+
+    A non-zero ``status`` (an ErrorCode) means nothing was stored and ``reason`` says why.
+    """
+
+    client_msg_id: int
+    status: int
+    server_id: int
+    seq: int
+    sent_at: int
+    count: int
+    conversation: str
+    reason: str
+
+
+@attrs.frozen
+class Deliver:
+    message: Message
+
+
+@attrs.frozen
+class DeliverAck:
+    """Cumulative: every message of ``conversation`` up to ``seq`` has been received."""
+
+    conversation: str
+    seq: int
+
+
+@attrs.frozen
+class Sync:
+    request_id: int
+    flags: int
+    limit: int
+    cursors: tuple[Cursor, ...]
+
+
+@attrs.frozen
+class SyncResult:
+    request_id: int
+    more: bool
+    ranges: tuple[Range, ...]
+    messages: tuple[Message, ...]
+
+
+@attrs.frozen
+class Bundle:
+    client_msg_id: int
+    target_type: int
+    target: str
+    items: tuple[Item, ...]
+
+
+@attrs.frozen
+class DeliverBundle:
+    messages: tuple[Message, ...]
+
+
+@attrs.frozen
+class Heads:
+    heads: tuple[Cursor, ...]
+
+
+@attrs.frozen
+class Ping:
+    nonce: int
+
+
+@attrs.frozen
+class Pong:
+    nonce: int
+
+
+@attrs.frozen
+class Error:
+    code: int
+    reason: str
+
+
+@attrs.frozen
+class Bye:
+    code: int
+    reason: str
+
+
+PACKET_CLASSES = {
+    schema.HELLO: Hello,
+    schema.HELLO_OK: HelloOk,
+    schema.LOGIN: Login,
+    schema.LOGIN_RESULT: LoginResult,
+    schema.SEND: Send,
+    schema.SEND_ACK: SendAck,
+    schema.DELIVER: Deliver,
+    schema.DELIVER_ACK: DeliverAck,
+    schema.SYNC: Sync,
+    schema.SYNC_RESULT: SyncResult,
+    schema.BUNDLE: Bundle,
+    schema.DELIVER_BUNDLE: DeliverBundle,
+    schema.HEADS: Heads,
+    schema.PING: Ping,
+    schema.PONG: Pong,
+    schema.ERROR: Error,
+    schema.BYE: Bye,
+}
+"""Packet kind -> packet class."""
+
+KIND_OF = {cls: kind for kind, cls in PACKET_CLASSES.items()}
+
+RECORD_CLASSES = {
+    id(schema.MESSAGE): Message,
+    id(schema.CURSOR): Cursor,
+    id(schema.RANGE): Range,
+    id(schema.ITEM): Item,
+}
+"""Nested record declarations -> the value class they decode into."""

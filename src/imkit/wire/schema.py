@@ -1,0 +1,217 @@
+"""
+The imkit wire format, declared once with construct.
+
+Everything on the wire is a frame::
+
+    frame   = length:u32 version:u8 flags:u8 kind:u16 body
+    length  = number of bytes after the length field (4 + len(body))
+
+All integers are big-endian and unsigned.  ``str8``/``str16`` are UTF-8 strings prefixed by their
+byte length as u8/u16; ``bytes16``/``bytes32`` are raw bytes prefixed the same way; ``list16 of X``
+is a u16 element count followed by the elements.
+
+Why these limits:
+
+* The length prefix is checked against the receiver's maximum frame size (``HelloOk.max_frame``,
+  1 MiB by default) *before* any of the body is buffered, so a peer cannot make us hold more than
+  one maximum frame of its data.
+* ``kind`` is 16 bits so that extensions get a range of their own (``EXTENSION_KINDS``) that can
+  never collide with a kind a later imkit version adds.
+* Sequence numbers, server ids and client message ids are 64-bit: they never wrap in practice.
+
+This module is the single source of truth: the fast codec in ``imkit.wire.codec`` is generated from
+these declarations at import time, ``docs/protocol.rst`` is rendered from them, and the tests prove
+that the generated codec and construct itself agree byte for byte.
+"""
+
+from __future__ import annotations
+
+from construct import (
+    Flag,
+    GreedyBytes,
+    Int8ub,
+    Int16ub,
+    Int32ub,
+    Int64ub,
+    PascalString,
+    Prefixed,
+    PrefixedArray,
+    Struct,
+)
+
+PROTOCOL_VERSION = 1
+"""The only protocol version this imkit speaks."""
+
+HEADER = Struct(
+    "length" / Int32ub,
+    "version" / Int8ub,
+    "flags" / Int8ub,
+    "kind" / Int16ub,
+)
+HEADER_SIZE = 8
+LENGTH_SIZE = 4
+
+FLAG_RESEND = 0x01
+"""Set on a frame that repeats an earlier one (a resend); informational, never required."""
+
+DEFAULT_MAX_FRAME = 1024 * 1024
+
+CORE_KINDS = range(0x0001, 0x8000)
+EXTENSION_KINDS = range(0x8000, 0x10000)
+
+str8 = PascalString(Int8ub, "utf8")
+str16 = PascalString(Int16ub, "utf8")
+bytes16 = Prefixed(Int16ub, GreedyBytes)
+bytes32 = Prefixed(Int32ub, GreedyBytes)
+
+# Fixed-width fields come first in every record: the generated codec reads them with one
+# ``struct.unpack_from`` call.
+
+MESSAGE = Struct(
+    "server_id" / Int64ub,
+    "seq" / Int64ub,
+    "client_msg_id" / Int64ub,
+    "sent_at" / Int64ub,
+    "bundle_remaining" / Int16ub,
+    "conversation" / str16,
+    "sender" / str16,
+    "sender_device" / str16,
+    "content_type" / str8,
+    "body" / bytes32,
+)
+
+CURSOR = Struct(
+    "seq" / Int64ub,
+    "conversation" / str16,
+)
+
+RANGE = Struct(
+    "from_seq" / Int64ub,
+    "head_seq" / Int64ub,
+    "conversation" / str16,
+)
+
+ITEM = Struct(
+    "content_type" / str8,
+    "body" / bytes32,
+)
+
+HELLO = 0x01
+HELLO_OK = 0x02
+LOGIN = 0x03
+LOGIN_RESULT = 0x04
+SEND = 0x05
+SEND_ACK = 0x06
+DELIVER = 0x07
+DELIVER_ACK = 0x08
+SYNC = 0x09
+SYNC_RESULT = 0x0A
+BUNDLE = 0x0B
+DELIVER_BUNDLE = 0x0C
+HEADS = 0x0D
+PING = 0x0E
+PONG = 0x0F
+ERROR = 0x10
+BYE = 0x11
+
+BODIES = {
+    HELLO: Struct(
+        "min_version" / Int8ub,
+        "max_version" / Int8ub,
+        "agent" / str16,
+    ),
+    HELLO_OK: Struct(
+        "version" / Int8ub,
+        "max_frame" / Int32ub,
+        "heartbeat_ms" / Int32ub,
+        "agent" / str16,
+    ),
+    LOGIN: Struct(
+        "method" / Int8ub,
+        "user" / str16,
+        "device" / str16,
+        "secret" / bytes16,
+    ),
+    LOGIN_RESULT: Struct(
+        "status" / Int16ub,
+        "server_time" / Int64ub,
+        "resume_token" / bytes16,
+        "reason" / str16,
+    ),
+    SEND: Struct(
+        "client_msg_id" / Int64ub,
+        "target_type" / Int8ub,
+        "target" / str16,
+        "content_type" / str8,
+        "body" / bytes32,
+    ),
+    SEND_ACK: Struct(
+        "client_msg_id" / Int64ub,
+        "status" / Int16ub,
+        "server_id" / Int64ub,
+        "seq" / Int64ub,
+        "sent_at" / Int64ub,
+        "count" / Int16ub,
+        "conversation" / str16,
+        "reason" / str16,
+    ),
+    DELIVER: Struct(
+        "message" / MESSAGE,
+    ),
+    DELIVER_ACK: Struct(
+        "seq" / Int64ub,
+        "conversation" / str16,
+    ),
+    SYNC: Struct(
+        "request_id" / Int32ub,
+        "flags" / Int8ub,
+        "limit" / Int16ub,
+        "cursors" / PrefixedArray(Int16ub, CURSOR),
+    ),
+    SYNC_RESULT: Struct(
+        "request_id" / Int32ub,
+        "more" / Flag,
+        "ranges" / PrefixedArray(Int16ub, RANGE),
+        "messages" / PrefixedArray(Int16ub, MESSAGE),
+    ),
+    BUNDLE: Struct(
+        "client_msg_id" / Int64ub,
+        "target_type" / Int8ub,
+        "target" / str16,
+        "items" / PrefixedArray(Int16ub, ITEM),
+    ),
+    DELIVER_BUNDLE: Struct(
+        "messages" / PrefixedArray(Int16ub, MESSAGE),
+    ),
+    HEADS: Struct(
+        "heads" / PrefixedArray(Int16ub, CURSOR),
+    ),
+    PING: Struct(
+        "nonce" / Int64ub,
+    ),
+    PONG: Struct(
+        "nonce" / Int64ub,
+    ),
+    ERROR: Struct(
+        "code" / Int16ub,
+        "reason" / str16,
+    ),
+    BYE: Struct(
+        "code" / Int16ub,
+        "reason" / str16,
+    ),
+}
+"""Packet kind -> construct declaration of its body."""
+
+# Field values with a fixed meaning.
+
+LOGIN_PASSWORD = 1
+LOGIN_TOKEN = 2
+
+TARGET_USER = 1
+TARGET_CONVERSATION = 2
+
+SYNC_SERVER_CURSORS = 0x01
+"""Conversations missing from ``cursors`` start at this device's server-side cursor, not at 0."""
+SYNC_ONLY_LISTED = 0x02
+"""Sync only the conversations in ``cursors`` (filling a gap), not every conversation."""
