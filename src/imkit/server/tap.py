@@ -12,6 +12,8 @@ from typing import Any
 from twisted.python import usage
 
 from imkit.endpoints import EndpointStringError, server_endpoint
+from imkit.extensions import ExtensionError, Extensions
+from imkit.extensions import load as load_extensions
 from imkit.passwords import Passwords
 from imkit.server.service import IMServerService
 from imkit.session.settings import ServerSettings
@@ -62,11 +64,21 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["extensions"] = Extensions()
 
     def opt_listen(self, description: str) -> None:
         """Listen on ENDPOINT (repeatable): tls:PORT[:interface=ADDR] uses imkit's TLS settings;
         any other Twisted endpoint string (tcp:, ssl:, unix:) is used as it is [default: tls:14000]"""
         self["listen"].append(description)
+
+    def opt_extension(self, reference: str) -> None:
+        """Load custom packet types from MODULE:ATTRIBUTE (a PacketType or a list of them;
+        repeatable), so their server handlers check them before they are stored"""
+        try:
+            for packet_type in load_extensions(reference):
+                self["extensions"].register(packet_type)
+        except ExtensionError as error:
+            raise usage.UsageError(str(error)) from None
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -114,4 +126,7 @@ def makeService(options: Options, reactor: Any = None, passwords: Passwords | No
     except (EndpointStringError, TLSConfigError) as error:
         raise usage.UsageError(str(error)) from None
     store = getattr(options, "store", None) or store_from_string(options["store"])
-    return IMServerService(store, passwords or Passwords(), endpoints, reactor, options.settings)
+    service = IMServerService(store, passwords or Passwords(), endpoints, reactor, options.settings)
+    if len(options["extensions"]):
+        service.hub.checks.append(options["extensions"].server_check)
+    return service
