@@ -200,7 +200,8 @@ def load(reference: str) -> list[PacketType]:
         raise ExtensionError(f"{module_name!r} has no attribute {attribute!r} for --extension {reference}") from None
     if isinstance(found, PacketType):
         return [found]
-    found = list(found)
-    if not all(isinstance(item, PacketType) for item in found):
+    if isinstance(found, Extensions):
+        return list(found)
+    if not isinstance(found, (list, tuple)) or not all(isinstance(item, PacketType) for item in found):
         raise ExtensionError(f"--extension {reference} names neither a PacketType nor a list of them")
     return found

@@ -11,14 +11,16 @@ class DeadlineQueue:
     """
     Each key has at most one deadline; setting it again replaces the old one.
 
-    Replaced and discarded deadlines stay in the heap until they surface (lazy deletion); the heap
-    is rebuilt when stale entries outnumber live ones, so memory stays proportional to live keys.
+    Replaced and discarded deadlines stay in the heap until they surface (lazy deletion); each
+    heap entry carries a unique stamp, so an entry is live only if it is the key's latest one.
+    The heap is rebuilt when stale entries outnumber live ones, so memory stays proportional to
+    the live keys.
     """
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Hashable]] = []
-        self._due: dict[Hashable, float] = {}
-        self._order = itertools.count()
+        self._due: dict[Hashable, tuple[float, int]] = {}
+        self._stamps = itertools.count()
 
     def __len__(self) -> int:
         return len(self._due)
@@ -26,9 +28,17 @@ class DeadlineQueue:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._due
 
+    def get(self, key: Hashable) -> float | None:
+        entry = self._due.get(key)
+        return None if entry is None else entry[0]
+
     def set(self, key: Hashable, due: float) -> None:
-        self._due[key] = due
-        heapq.heappush(self._heap, (due, next(self._order), key))
+        current = self._due.get(key)
+        if current is not None and current[0] == due:
+            return
+        stamp = next(self._stamps)
+        self._due[key] = (due, stamp)
+        heapq.heappush(self._heap, (due, stamp, key))
         if len(self._heap) > 2 * len(self._due) + 64:
             self._compact()
 
@@ -44,8 +54,8 @@ class DeadlineQueue:
         heap = self._heap
         due = self._due
         while heap:
-            when, _, key = heap[0]
-            if due.get(key) == when:
+            when, stamp, key = heap[0]
+            if due.get(key) == (when, stamp):
                 return when
             heapq.heappop(heap)
         return None
@@ -55,11 +65,12 @@ class DeadlineQueue:
         heap = self._heap
         due = self._due
         while heap and heap[0][0] <= now:
-            when, _, key = heapq.heappop(heap)
-            if due.get(key) == when:
+            when, stamp, key = heapq.heappop(heap)
+            if due.get(key) == (when, stamp):
                 del due[key]
                 yield key
 
     def _compact(self) -> None:
-        self._heap = [entry for entry in self._heap if self._due.get(entry[2]) == entry[0]]
+        due = self._due
+        self._heap = [entry for entry in self._heap if due.get(entry[2]) == (entry[0], entry[1])]
         heapq.heapify(self._heap)

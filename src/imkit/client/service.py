@@ -1,0 +1,416 @@
+"""
+``IMClient``: one user's device, as a Twisted service that stays connected.
+
+It keeps one ``ClientCore`` for its whole life and lets ``ClientService`` replace the connection
+under it, with jittered exponential backoff.  ``ClientService``'s ``prepareConnection`` waits for
+the login, so a connection counts as made only once it can carry messages.  Application calls
+(``send``) go to the core at any time; whatever is unacknowledged is sent again, in order, after
+the next login.  Each Deferred the application holds is answered by a core event.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterable
+
+from twisted.application.internet import ClientService
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from imkit.client.handoff import Handoff, MessageCallback, MessageStream
+from imkit.client.protocol import IMClientFactory, IMClientProtocol
+from imkit.client.results import (
+    ClientStopped,
+    IMClientError,
+    LoginFailed,
+    Receipt,
+    SendRejected,
+    SendTimeout,
+    error_code,
+)
+from imkit.client.state import StateFile
+from imkit.client.timer import DeadlineTimer
+from imkit.model import Item, Message
+from imkit.session import events
+from imkit.session.client import ClientCore
+from imkit.session.settings import ClientSettings
+from imkit.wire.errors import ErrorCode
+from imkit.wire.schema import TARGET_CONVERSATION, TARGET_USER
+
+TEXT = "text/plain; charset=utf-8"
+
+RECONNECT_INITIAL = 1.0
+"""Seconds before the first reconnection attempt; doubled per failure up to RECONNECT_MAX."""
+RECONNECT_MAX = 60.0
+RECONNECT_JITTER = 0.5
+"""Each delay is stretched by up to this fraction, so clients dropped together do not return together."""
+
+TRANSIENT_LOGIN_CODES = frozenset({ErrorCode.IDLE_TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL_ERROR})
+"""Login refusals that say "not now" rather than "not you": the client tries again later."""
+
+
+class _Waiters:
+    """Deferreds waiting for the next occurrence of something (a login, a catch-up)."""
+
+    def __init__(self) -> None:
+        self._waiting: list[Deferred[None]] = []
+
+    def wait(self) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred(lambda d: self._waiting.remove(d))
+        self._waiting.append(waiter)
+        return waiter
+
+    def fire(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(None)
+
+    def fail(self, error: BaseException) -> None:
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.errback(Failure(error))
+
+
+class IMClient(Service):
+    """
+    A user's device connected to an imkit server: send messages, receive them in order, once.
+
+    ``endpoint`` is any client endpoint (``imkit.client.tls_endpoint`` builds the usual one).
+    ``state_path`` names a file where the positions the application has taken are kept across
+    restarts; without it, the server's per-device cursors decide where a restarted client resumes
+    (and messages handed to the application just before a crash may be skipped).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        user: str,
+        password: str,
+        device: str = "default",
+        *,
+        settings: ClientSettings = ClientSettings(),
+        state_path: str | None = None,
+        reactor: Any = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.user = user
+        self.device = device
+        self.settings = settings
+        self._reactor = reactor
+        self._rng = rng if rng is not None else random.SystemRandom()
+        self._core = ClientCore(
+            reactor, user, password, device, settings, delivered={} if state_path is not None else None, rng=self._rng
+        )
+        self._positions: dict[str, int] = {}
+        self._state = StateFile(state_path, user, reactor, self._positions.copy) if state_path is not None else None
+        self._state_loaded = self._state is None
+        self._handoff = Handoff(self._taken)
+        self._sends: dict[int, Deferred[Receipt]] = {}
+        self._login_waiters = _Waiters()
+        self._caught_up_waiters = _Waiters()
+        self._protocol: IMClientProtocol | None = None
+        self._logged_in = False
+        self._login_settled = True
+        self._prepare_waiters: list[Deferred[None]] = []
+        self._sessions_without_login = 0
+        self._failure: IMClientError | None = None
+        self._stopped = False
+        self._offline_timer = DeadlineTimer(reactor, self._core.next_deadline, self._offline_deadline)
+        self._connector = ClientService(
+            endpoint,
+            IMClientFactory(self._core, reactor, self),
+            retryPolicy=self._reconnect_delay,
+            clock=reactor,
+            prepareConnection=self._prepare_connection,
+        )
+
+    # Service -----------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        if self.running:
+            return
+        super().startService()
+        self._stopped = False
+        self._failure = None
+        self._handoff.reopen()
+        if self._state is not None and not self._state_loaded:
+            self._state.load().addCallbacks(self._state_read, self._state_unreadable)
+        else:
+            self._connector.startService()
+        self._offline_timer.arm()
+
+    def _state_read(self, positions: dict[str, int]) -> None:
+        self._state_loaded = True
+        self._positions.update(positions)
+        # Nothing has been received yet, so the core's positions are still the empty ones we gave it.
+        self._core.inbound.delivered.update(positions)
+        self.log.info("resuming {user} from {count} saved conversation positions", user=self.user, count=len(positions))
+        if self.running:
+            self._connector.startService()
+
+    def _state_unreadable(self, failure: Failure) -> None:
+        error = failure.value if isinstance(failure.value, IMClientError) else IMClientError(failure.getErrorMessage())
+        self.log.error("{error}", error=error)
+        self._give_up(error)
+
+    def stopService(self) -> Deferred[None]:
+        """Say goodbye, stop reconnecting, fail what is still pending, and save the positions."""
+        super().stopService()
+        self._stopped = True
+        self._handoff.close()
+        protocol = self._protocol
+        if protocol is not None and self._logged_in:
+            protocol.say_goodbye()
+        self._settle_login()
+        self._offline_timer.cancel()
+        self._fail_pending(ClientStopped())
+        stopped = self._connector.stopService()
+        stopped.addCallback(lambda _: self._save_finally())
+        return stopped
+
+    def _save_finally(self) -> Deferred[None] | None:
+        if self._state is None or not self._state_loaded:
+            return None
+        self._state.changed()
+        return self._state.flush()
+
+    # Waiting for the session -------------------------------------------------------------------
+
+    @property
+    def logged_in(self) -> bool:
+        return self._logged_in
+
+    def loggedIn(self) -> Deferred[None]:
+        """Fires once logged in (at once if logged in now); fails with LoginFailed if refused."""
+        if self._failure is not None:
+            return fail(self._failure)
+        if self._stopped:
+            return fail(ClientStopped())
+        if self._logged_in:
+            return succeed(None)
+        return self._login_waiters.wait()
+
+    def caughtUp(self) -> Deferred[None]:
+        """Fires once the sync after the (next) login has delivered everything stored before it."""
+        if self._failure is not None:
+            return fail(self._failure)
+        if self._stopped:
+            return fail(ClientStopped())
+        if self._logged_in and self._core.caught_up:
+            return succeed(None)
+        return self._caught_up_waiters.wait()
+
+    # Sending -----------------------------------------------------------------------------------
+
+    def send(
+        self,
+        to: str | None = None,
+        body: bytes | str = b"",
+        *,
+        conversation: str | None = None,
+        content_type: str = TEXT,
+    ) -> Deferred[Receipt]:
+        """
+        Send one message to a user (``to``) or a conversation; Deferred[Receipt].
+
+        It fails with SendRejected or SendTimeout; cancelling it stops the resending (the server
+        may have stored it already).  While disconnected, sends wait and go out after the login,
+        in order.
+        """
+        target_type, target = _target(to, conversation)
+        return self._submit(lambda: self._core.send(target_type, target, content_type, _bytes(body)))
+
+    def send_bundle(
+        self,
+        items: Iterable[Item | tuple[str, bytes | str]],
+        to: str | None = None,
+        conversation: str | None = None,
+    ) -> Deferred[Receipt]:
+        """Send messages that are stored together or not at all, and delivered together; Deferred[Receipt]."""
+        target_type, target = _target(to, conversation)
+        bundle = tuple(item if isinstance(item, Item) else Item(item[0], _bytes(item[1])) for item in items)
+        if not bundle:
+            raise ValueError("a bundle needs at least one item")
+        return self._submit(lambda: self._core.send_bundle(target_type, target, bundle))
+
+    def _submit(self, queue: Any) -> Deferred[Receipt]:
+        if self._failure is not None:
+            return fail(self._failure)
+        if self._stopped:
+            return fail(ClientStopped("the client is stopped; start it before sending"))
+        client_msg_id = queue()
+        sent: Deferred[Receipt] = Deferred(lambda _: self._cancel_send(client_msg_id))
+        self._sends[client_msg_id] = sent
+        self._core_changed()
+        return sent
+
+    def _cancel_send(self, client_msg_id: int) -> None:
+        self._sends.pop(client_msg_id, None)
+        self._core.cancel(client_msg_id)
+        if self._protocol is None:
+            self._offline_timer.arm()
+
+    def _core_changed(self) -> None:
+        """The application gave the core work: write it out, and keep its deadlines covered."""
+        if self._protocol is not None:
+            self._protocol.output_ready()
+        elif not self._stopped:
+            self._offline_timer.arm()
+
+    def _fail_pending(self, error: IMClientError) -> None:
+        sends, self._sends = self._sends, {}
+        for client_msg_id, sent in sends.items():
+            self._core.cancel(client_msg_id)
+            sent.errback(Failure(error))
+        self._login_waiters.fail(error)
+        self._caught_up_waiters.fail(error)
+
+    # Receiving ---------------------------------------------------------------------------------
+
+    def on_message(self, callback: MessageCallback) -> None:
+        """Call ``callback(message)`` for every delivered message, in order, each exactly once."""
+        self._handoff.add_callback(callback)
+
+    def remove_message_callback(self, callback: MessageCallback) -> None:
+        self._handoff.remove_callback(callback)
+
+    def messages(self) -> MessageStream:
+        """An async iterator over the messages delivered from now on (``async for``)."""
+        return self._handoff.stream()
+
+    def _taken(self, message: Message) -> None:
+        positions = self._positions
+        if message.seq > positions.get(message.conversation, 0):
+            positions[message.conversation] = message.seq
+        if self._state is not None and self._state_loaded:
+            self._state.changed()
+
+    # Connections (called by IMClientProtocol) -------------------------------------------------
+
+    def session_started(self, protocol: IMClientProtocol) -> None:
+        self._protocol = protocol
+        self._login_settled = False
+        self._offline_timer.cancel()
+
+    def _prepare_connection(self, _protocol: Any) -> Deferred[None] | None:
+        """ClientService's hook: the connection is ready once the login is settled."""
+        if self._login_settled:
+            return None
+        waiter: Deferred[None] = Deferred()
+        self._prepare_waiters.append(waiter)
+        return waiter
+
+    def _settle_login(self) -> None:
+        """
+        The login succeeded, or the connection ended (or is ending) without one.  Either way
+        ClientService must now see the connection as made: it cannot be told about a connection
+        lost while its preparation is pending.
+        """
+        self._login_settled = True
+        waiters, self._prepare_waiters = self._prepare_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def session_events(self, protocol: IMClientProtocol, found: list[Any]) -> None:
+        for event in found:
+            kind = type(event)
+            if kind is events.MessagesDelivered:
+                self._handoff.deliver(event.messages)
+            elif kind is events.SendAcknowledged:
+                sent = self._sends.pop(event.client_msg_id, None)
+                if sent is not None:
+                    sent.callback(Receipt.from_ack(event.ack))
+            elif kind is events.SendRejected:
+                sent = self._sends.pop(event.client_msg_id, None)
+                if sent is not None:
+                    sent.errback(Failure(SendRejected(event.client_msg_id, error_code(event.ack.status), event.ack.reason)))
+            elif kind is events.SendExpired:
+                self._expired(event)
+            elif kind is events.LoggedIn:
+                self._on_logged_in()
+            elif kind is events.CaughtUp:
+                self._caught_up_waiters.fire()
+            elif kind is events.LoginRejected:
+                self._on_login_rejected(protocol, event)
+            elif kind is events.ServerError:
+                self.log.warn("server closed the session: {code} {reason}", code=error_code(event.code), reason=event.reason)
+            elif kind is events.CloseConnection:
+                pass  # the protocol drops the connection; session_ended follows
+
+    def _on_logged_in(self) -> None:
+        self._logged_in = True
+        self._sessions_without_login = 0
+        self.log.info("logged in as {user} (device {device})", user=self.user, device=self.device)
+        self._settle_login()
+        self._login_waiters.fire()
+
+    def _on_login_rejected(self, protocol: IMClientProtocol, event: events.LoginRejected) -> None:
+        code = error_code(event.code)
+        if code in TRANSIENT_LOGIN_CODES:
+            protocol.abort(f"login refused for now ({event.reason}); will try again")
+            return
+        self._give_up(LoginFailed(code, event.reason))
+
+    def _give_up(self, error: IMClientError) -> None:
+        """A failure retrying cannot fix (a wrong password): stop connecting, fail everything waiting."""
+        self.log.error("{user} stops connecting: {error}", user=self.user, error=error)
+        self._failure = error
+        self._settle_login()
+        self._offline_timer.cancel()
+        self._connector.stopService()
+        self._fail_pending(error)
+        self._handoff.close(error)
+
+    def _expired(self, event: events.SendExpired) -> None:
+        sent = self._sends.pop(event.client_msg_id, None)
+        if sent is not None:
+            sent.errback(Failure(SendTimeout(event.client_msg_id, self.settings.send_timeout)))
+
+    def session_ended(self, protocol: IMClientProtocol, reason: Failure) -> None:
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
+        if self._logged_in:
+            self.log.info("disconnected from the server: {reason}", reason=reason.getErrorMessage())
+        else:
+            self._sessions_without_login += 1
+        self._logged_in = False
+        self._settle_login()
+        if not self._stopped and self._failure is None:
+            self._offline_timer.arm()
+
+    def _offline_deadline(self) -> None:
+        """Sends keep their timeout while there is no connection to drive the core's timer."""
+        self.session_events(None, self._core.handle_timer())  # type: ignore[arg-type]
+        if self._protocol is None and not self._stopped:
+            self._offline_timer.arm()
+
+    def _reconnect_delay(self, failed_attempts: int) -> float:
+        """
+        Jittered exponential backoff.  ClientService counts connections that could not be made;
+        we also count connections that ended before a login (a TLS or server problem), which it
+        sees as made.
+        """
+        attempt = max(failed_attempts, self._sessions_without_login, 1)
+        delay = min(RECONNECT_INITIAL * 2.0 ** min(attempt - 1, 32), RECONNECT_MAX)
+        return delay * (1 + RECONNECT_JITTER * self._rng.random())
+
+
+def _target(to: str | None, conversation: str | None) -> tuple[int, str]:
+    if (to is None) == (conversation is None):
+        raise ValueError("name exactly one of to= (a user) or conversation= (a conversation id)")
+    if to is not None:
+        return TARGET_USER, to
+    assert conversation is not None
+    return TARGET_CONVERSATION, conversation
+
+
+def _bytes(body: bytes | str) -> bytes:
+    return body.encode("utf-8") if isinstance(body, str) else bytes(body)

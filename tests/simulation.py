@@ -1,0 +1,889 @@
+"""
+A deterministic simulation of imkit clients, links and a restartable server, with no sockets.
+
+Every client is a real ``ClientCore``, every connection a real ``ServerConnection``, the server a
+real ``Hub`` on a ``MemoryStore``; only the network is simulated.  A ``Link`` joins one client to
+one server connection and carries whole frames each way.  Frames are self-delimiting (a u32 length
+prefix), so the link can cut each byte stream into frames and, frame by frame, deliver, drop,
+duplicate or delay them (a delayed frame is overtaken by the frames sent after it), as a
+``FaultPlan`` decides.
+
+Time is a ``twisted.internet.task.Clock`` shared by everything, and the ``World`` moves it straight
+to the next thing that can happen: a frame arriving, a session deadline, or an entry of its agenda
+(application sends, connection cuts, server restarts, reconnects).  Nothing else can happen in
+between, so a run is exactly reproducible.
+
+Connections end the way TCP connections do:
+
+* a *reset* (a cut, a restart, a side closing) is noticed by both ends, after the frames already in
+  flight towards the side that stays (when the server closes, the client still reads its last
+  frames, e.g. the Error saying why);
+* a *silent* cut (a dead NAT entry) drops every frame and tells nobody: each side finds out through
+  its own idle timeout.
+
+A client whose connection is gone reconnects after ``reconnect_delay`` (again and again while the
+server is down).  A server restart drops every ``ServerConnection`` and the hub, and builds a new
+hub on the same store, which keeps every message, dedupe record and cursor.
+
+``World.violations()`` checks, at the end, what the seed design's "Reliability" and "Consistency"
+sections promise; see its docstring.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+import struct
+from collections import Counter
+from typing import Any, Callable, Iterable
+
+import attrs
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+
+from imkit.model import Item, Message, direct_conversation
+from imkit.passwords import Passwords
+from imkit.server.hub import Hub
+from imkit.session import events
+from imkit.session.client import DISCONNECTED as CLIENT_DISCONNECTED
+from imkit.session.client import READY as CLIENT_READY
+from imkit.session.client import ClientCore
+from imkit.session.server import CLOSED, ServerConnection
+from imkit.session.settings import ClientSettings, ServerSettings
+from imkit.store.memory import MemoryStore
+from imkit.wire import schema
+
+UP = "up"
+"""Client to server."""
+DOWN = "down"
+"""Server to client."""
+
+DELIVER = "deliver"
+DROP = "drop"
+DUPLICATE = "duplicate"
+DELAY = "delay"
+
+LATENCY = 0.01
+"""One-way latency of every frame, before any fault delay."""
+
+EPOCH = 1_000_000.0
+"""Simulated time starts here (a non-zero clock catches code that confuses times and durations)."""
+
+KIND_NAMES = {
+    getattr(schema, name): name
+    for name in (
+        "HELLO", "HELLO_OK", "LOGIN", "LOGIN_RESULT", "SEND", "SEND_ACK", "DELIVER", "DELIVER_ACK", "SYNC",
+        "SYNC_RESULT", "BUNDLE", "DELIVER_BUNDLE", "HEADS", "PING", "PONG", "ERROR", "BYE",
+    )
+}
+
+_LENGTH = struct.Struct(">I")
+_HASHES: dict[str, str] = {}
+
+
+def split_frames(data: bytes) -> list[bytes]:
+    """Cut a byte stream into whole frames (sessions only ever write whole frames)."""
+    frames = []
+    pos = 0
+    while pos < len(data):
+        (length,) = _LENGTH.unpack_from(data, pos)
+        end = pos + schema.LENGTH_SIZE + length
+        assert end <= len(data), "a session wrote part of a frame"
+        frames.append(data[pos:end])
+        pos = end
+    return frames
+
+
+def frame_kind(frame: bytes) -> int:
+    return int.from_bytes(frame[6:8], "big")
+
+
+def password_of(user: str) -> str:
+    return f"secret of {user}"
+
+
+def _fired(d: Any) -> Any:
+    """The result of a Deferred that has already fired (everything a MemoryStore returns)."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "a MemoryStore Deferred did not fire at once"
+    return results[0]
+
+
+# Faults -----------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class FrameFault:
+    """What happens to the ``index``-th frame (0-based) of one device's stream in one direction."""
+
+    device: str
+    direction: str
+    index: int
+    action: str
+    delay: float = 0.0
+
+
+@attrs.frozen
+class Noise:
+    """Random faults on every frame not named by a FrameFault, in per mille, from one seed."""
+
+    seed: int
+    drop: int = 0
+    duplicate: int = 0
+    delay: int = 0
+    delays: tuple[float, ...] = (0.05, 0.5, 3.0, 8.0)
+
+
+Rule = Callable[[str, str, int, int, float], "tuple[str, float] | None"]
+"""``rule(device, direction, index, kind, now)``: a (action, delay) for this frame, or None."""
+
+
+class FaultPlan:
+    """
+    Decides the fate of each frame: explicit faults first, then rules, then noise; else deliver.
+
+    Nothing is faulty from ``until`` on (the end of the storm).  Frames are counted per device and
+    direction over all of that device's connections, so ``FrameFault(index=3)`` names the same frame
+    whatever connection carries it.
+    """
+
+    def __init__(
+        self,
+        faults: Iterable[FrameFault] = (),
+        rules: Iterable[Rule] = (),
+        noise: Noise | None = None,
+        until: float = math.inf,
+    ) -> None:
+        self.explicit = {(f.device, f.direction, f.index): (f.action, f.delay) for f in faults}
+        self.rules = list(rules)
+        self.noise = noise
+        self._rng = random.Random(noise.seed) if noise is not None else None
+        self.until = until
+
+    def decide(self, device: str, direction: str, index: int, kind: int, now: float) -> tuple[str, float]:
+        if now >= self.until:
+            return DELIVER, 0.0
+        found = self.explicit.get((device, direction, index))
+        if found is not None:
+            return found
+        for rule in self.rules:
+            found = rule(device, direction, index, kind, now)
+            if found is not None:
+                return found
+        noise = self.noise
+        if noise is not None:
+            assert self._rng is not None
+            roll = self._rng.randrange(1000)
+            if roll < noise.drop:
+                return DROP, 0.0
+            roll -= noise.drop
+            if roll < noise.duplicate:
+                return DUPLICATE, self._rng.choice(noise.delays)
+            roll -= noise.duplicate
+            if roll < noise.delay:
+                return DELAY, self._rng.choice(noise.delays)
+        return DELIVER, 0.0
+
+
+def first_of(kind: int, device: str, direction: str, action: str = DROP, count: int = 1, delay: float = 0.0) -> Rule:
+    """A rule hitting the first ``count`` frames of ``kind`` in one device's stream."""
+    seen = [0]
+
+    def rule(d: str, dirn: str, index: int, k: int, now: float) -> tuple[str, float] | None:
+        if d == device and dirn == direction and k == kind and seen[0] < count:
+            seen[0] += 1
+            return action, delay
+        return None
+
+    return rule
+
+
+# The application's view -----------------------------------------------------------------------
+
+
+@attrs.define
+class AppLog:
+    """Everything one device's application was told, in order."""
+
+    batches: list[tuple[Message, ...]] = attrs.Factory(list)
+    acks: dict[int, Any] = attrs.Factory(dict)
+    problems: list[str] = attrs.Factory(list)
+    logins: int = 0
+    caught_up: int = 0
+    login_rejections: list[tuple[int, str]] = attrs.Factory(list)
+    server_errors: list[tuple[int, str]] = attrs.Factory(list)
+
+    def messages(self) -> list[Message]:
+        return [m for batch in self.batches for m in batch]
+
+    def positions(self) -> dict[str, int]:
+        """What an application would save: the last sequence it processed per conversation."""
+        saved: dict[str, int] = {}
+        for m in self.messages():
+            saved[m.conversation] = max(saved.get(m.conversation, 0), m.seq)
+        return saved
+
+
+@attrs.frozen
+class Sent:
+    """One send the application made, and what it expects to be stored."""
+
+    device: str
+    client_msg_id: int
+    conversation: str
+    items: tuple[Item, ...]
+    at: float
+
+
+@attrs.frozen
+class Trace:
+    """One frame's fate, for explaining a failure."""
+
+    at: float
+    device: str
+    direction: str
+    connection: int
+    kind: int
+    flags: int
+    action: str
+    delay: float
+    body: bytes = attrs.field(repr=False)
+
+    def __str__(self) -> str:
+        arrow = "->" if self.direction == UP else "<-"
+        extra = f" +{self.delay}s" if self.action in (DELAY, DUPLICATE) and self.delay else ""
+        resend = " (resend)" if self.flags & schema.FLAG_RESEND else ""
+        name = KIND_NAMES.get(self.kind, hex(self.kind))
+        return f"{self.at - EPOCH:9.3f} {self.device}#{self.connection} {arrow} {name}{resend} {self.action}{extra}"
+
+
+# Devices and links ------------------------------------------------------------------------------
+
+
+class Device:
+    """One client application: a ClientCore, its current link, and the log of what it was told."""
+
+    def __init__(self, world: World, user: str, name: str, delivered: dict[str, int] | None = None) -> None:
+        self.world = world
+        self.user = user
+        self.name = name
+        self.label = f"{user}/{name}"
+        self.app = AppLog()
+        self.link: Link | None = None
+        self.online = False
+        """Whether the application wants to be connected (it reconnects while this is true)."""
+        self.frames = {UP: 0, DOWN: 0}
+        self.connections = 0
+        self.client = self._new_client(delivered)
+
+    def _new_client(self, delivered: dict[str, int] | None) -> ClientCore:
+        return ClientCore(
+            self.world.clock,
+            self.user,
+            password_of(self.user),
+            device=self.name,
+            settings=self.world.client_settings,
+            delivered=delivered,
+            rng=random.Random(f"{self.label}#{self.connections}"),
+        )
+
+    def on_events(self, found: list[Any]) -> None:
+        app = self.app
+        close = False
+        for event in found:
+            kind = type(event)
+            if kind is events.MessagesDelivered:
+                app.batches.append(event.messages)
+            elif kind is events.SendAcknowledged:
+                if event.client_msg_id in app.acks:
+                    app.problems.append(f"{self.label}: send {event.client_msg_id} acknowledged twice")
+                app.acks[event.client_msg_id] = event.ack
+            elif kind is events.SendRejected:
+                app.problems.append(f"{self.label}: send {event.client_msg_id} rejected: {event.ack}")
+            elif kind is events.SendExpired:
+                app.problems.append(f"{self.label}: send {event.client_msg_id} expired")
+            elif kind is events.LoggedIn:
+                app.logins += 1
+            elif kind is events.CaughtUp:
+                app.caught_up += 1
+            elif kind is events.LoginRejected:
+                app.login_rejections.append((event.code, event.reason))
+                close = True
+            elif kind is events.ServerError:
+                app.server_errors.append((event.code, event.reason))
+            elif kind is events.CloseConnection:
+                close = True
+        if self.link is not None and (close or self.client.state == CLIENT_DISCONNECTED):
+            self.world.client_closed(self)
+
+    def poll(self, now: float) -> bool:
+        """Run due timers and hand output to the link; True if anything happened."""
+        client = self.client
+        moved = False
+        deadline = client.next_deadline()
+        if deadline is not None and deadline <= now:
+            moved = True
+            self.on_events(client.handle_timer())
+        data = client.data_to_send()
+        if data:
+            moved = True
+            if self.link is not None:
+                self.link.carry(UP, data)
+        return moved
+
+
+class Link:
+    """One connection: a device's client on one end, a ServerConnection on the other."""
+
+    def __init__(self, world: World, device: Device, server: ServerConnection, number: int) -> None:
+        self.world = world
+        self.device: Device | None = device
+        self.label = device.label
+        self.server: ServerConnection | None = server
+        self.number = number
+        self.silent = False
+        self.server_closed = False
+        """The server closed: what is in flight down still arrives, then the client sees the end."""
+        self._flight: list[tuple[float, int, str, bytes]] = []
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flight)
+
+    def carry(self, direction: str, data: bytes) -> None:
+        world = self.world
+        now = world.clock.seconds()
+        counts = world.frame_counts[self.label]
+        for frame in split_frames(data):
+            index = counts[direction]
+            counts[direction] += 1
+            kind = frame_kind(frame)
+            action, delay = world.faults.decide(self.label, direction, index, kind, now)
+            if self.silent:
+                action, delay = "lost (silent cut)", 0.0
+            elif direction == UP and self.server is None:
+                action, delay = "lost (server gone)", 0.0
+            world.trace.append(Trace(now, self.label, direction, self.number, kind, frame[5], action, delay, frame[8:]))
+            if action == DROP or action.startswith("lost"):
+                continue
+            self._push(now + LATENCY + (delay if action == DELAY else 0.0), direction, frame)
+            if action == DUPLICATE:
+                self._push(now + LATENCY + delay, direction, frame)
+
+    def _push(self, due: float, direction: str, frame: bytes) -> None:
+        heapq.heappush(self._flight, (due, next(self.world.order), direction, frame))
+
+    def next_due(self) -> float | None:
+        return self._flight[0][0] if self._flight else None
+
+    def keep_only(self, direction: str | None) -> None:
+        """Forget the frames in flight, except those going ``direction``."""
+        self._flight = [entry for entry in self._flight if entry[2] == direction]
+        heapq.heapify(self._flight)
+
+    def deliver_due(self, now: float) -> bool:
+        moved = False
+        # Each delivery may end the link, which replaces self._flight: read it afresh every time.
+        while self._flight and self._flight[0][0] <= now:
+            _, _, direction, frame = heapq.heappop(self._flight)
+            moved = True
+            if direction == UP:
+                server = self.server
+                if server is not None:
+                    self.world.hub.handle(server, server.receive_data(frame))
+            else:
+                device = self.device
+                if device is not None:
+                    device.on_events(device.client.receive_data(frame))
+        if self.server_closed and self.device is not None and not any(e[2] == DOWN for e in self._flight):
+            # Everything the server wrote before closing has arrived (or was lost): now the FIN.
+            self.world.detach_client(self)
+            moved = True
+        return moved
+
+    def poll_server(self, now: float) -> bool:
+        server = self.server
+        if server is None:
+            return False
+        moved = False
+        deadline = server.next_deadline()
+        if deadline is not None and deadline <= now:
+            moved = True
+            self.world.hub.handle(server, server.handle_timer())
+        data = server.data_to_send()
+        if data:
+            moved = True
+            if self.device is not None:
+                self.carry(DOWN, data)
+        if server.state == CLOSED:
+            moved = True
+            self.world.detach_server(self)
+            if not self.silent:
+                self.server_closed = True
+            self.keep_only(DOWN)  # frames still travelling up will find nobody
+        return moved
+
+
+# The world --------------------------------------------------------------------------------------
+
+
+class World:
+    """
+    Users and their devices, the network between them and the server, and the server.
+
+    ``users`` maps each user name to its number of devices (named d1, d2, ...).  Devices start
+    offline; ``connect`` (or ``connect_all``) brings one online, after which it stays online,
+    reconnecting after every lost connection, until ``disconnect``.
+    """
+
+    def __init__(
+        self,
+        users: dict[str, int],
+        server_settings: ServerSettings = ServerSettings(),
+        client_settings: ClientSettings = ClientSettings(send_timeout=None),
+        faults: FaultPlan | None = None,
+        reconnect_delay: float = 1.0,
+    ) -> None:
+        self.clock = Clock()
+        self.clock.advance(EPOCH)
+        self.server_settings = server_settings
+        self.client_settings = client_settings
+        self.faults = faults or FaultPlan()
+        self.reconnect_delay = reconnect_delay
+        self.store = MemoryStore()
+        self.passwords = Passwords.fast_for_tests()
+        for user in users:
+            password = password_of(user)
+            if password not in _HASHES:
+                _HASHES[password] = _fired(self.passwords.hash(password))
+            _fired(self.store.add_user(user, _HASHES[password]))
+        self.server_failures: list[str] = []
+        self.hub = self._new_hub()
+        self.server_up = True
+        self.restarts = 0
+        self.order = itertools.count()
+        self.trace: list[Trace] = []
+        self.notes: list[str] = []
+        self.sent: list[Sent] = []
+        self.links: list[Link] = []
+        self.frame_counts: dict[str, dict[str, int]] = {}
+        self._agenda: list[tuple[float, int, str, Callable[[], None]]] = []
+        self.devices: dict[str, Device] = {}
+        for user, count in users.items():
+            for n in range(1, count + 1):
+                device = Device(self, user, f"d{n}")
+                self.devices[device.label] = device
+                self.frame_counts[device.label] = {UP: 0, DOWN: 0}
+
+    def _new_hub(self) -> Hub:
+        hub = Hub(self.store, self.passwords, self.clock, self.server_settings)
+        hub.log = Logger(namespace="imkit.server.hub", observer=self._observe_hub)
+        return hub
+
+    def _observe_hub(self, event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None or event["log_level"].name in ("error", "critical"):
+            from twisted.logger import formatEvent
+
+            failure = event.get("log_failure")
+            detail = failure.getTraceback() if failure is not None else ""
+            self.server_failures.append(f"{formatEvent(event)}\n{detail}")
+
+    @property
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    def device(self, label: str) -> Device:
+        return self.devices[label]
+
+    def devices_of(self, user: str) -> list[Device]:
+        return [d for d in self.devices.values() if d.user == user]
+
+    # The agenda ---------------------------------------------------------------------------------
+
+    def at(self, when: float, what: str, action: Callable[[], None]) -> None:
+        """Do ``action`` at simulated time ``when`` (absolute, see EPOCH)."""
+        heapq.heappush(self._agenda, (when, next(self.order), what, action))
+
+    def after(self, delay: float, what: str, action: Callable[[], None]) -> None:
+        self.at(self.now + delay, what, action)
+
+    # Applications -------------------------------------------------------------------------------
+
+    def send(self, label: str, target_user: str, body: bytes, via_conversation: bool = False) -> int:
+        return self._submit(label, target_user, (Item("text/plain", body),), via_conversation)
+
+    def send_bundle(self, label: str, target_user: str, bodies: Iterable[bytes], via_conversation: bool = False) -> int:
+        return self._submit(label, target_user, tuple(Item("text/plain", b) for b in bodies), via_conversation)
+
+    def _submit(self, label: str, target_user: str, items: tuple[Item, ...], via_conversation: bool) -> int:
+        device = self.devices[label]
+        conversation = direct_conversation(device.user, target_user)
+        if via_conversation:
+            target_type, target = schema.TARGET_CONVERSATION, conversation
+        else:
+            target_type, target = schema.TARGET_USER, target_user
+        if len(items) == 1:
+            cmid = device.client.send(target_type, target, items[0].content_type, items[0].body)
+        else:
+            cmid = device.client.send_bundle(target_type, target, items)
+        self.sent.append(Sent(label, cmid, conversation, items, self.now))
+        return cmid
+
+    def connect(self, label: str) -> None:
+        device = self.devices[label]
+        device.online = True
+        if device.link is None:
+            self._dial(device)
+
+    def connect_all(self) -> None:
+        for label in self.devices:
+            self.connect(label)
+
+    def disconnect(self, label: str) -> None:
+        """The application goes offline on purpose (it will not reconnect until ``connect``)."""
+        device = self.devices[label]
+        device.online = False
+        if device.link is not None:
+            self.reset(device.link)
+
+    def restart_device(self, label: str, delivered: dict[str, int] | None) -> None:
+        """
+        The application process dies and starts again with the positions it saved (``delivered``).
+
+        Its ClientCore, with the unacknowledged sends in it, is gone; it connects again at once.
+        """
+        device = self.devices[label]
+        if device.link is not None:
+            self.reset(device.link)
+        device.connections += 1
+        device.client = device._new_client(delivered)
+        self.connect(label)
+
+    def _dial(self, device: Device) -> None:
+        if not device.online or device.link is not None:
+            return
+        if not self.server_up:
+            self.after(self.reconnect_delay, f"{device.label} reconnects", lambda: self._dial(device))
+            return
+        device.connections += 1
+        server = ServerConnection(self.clock, self.server_settings, peer=f"{device.label}#{device.connections}")
+        link = Link(self, device, server, device.connections)
+        self.links.append(link)
+        device.link = link
+        device.client.connection_made()
+
+    # Faults -------------------------------------------------------------------------------------
+
+    def cut(self, label: str, silent: bool = False) -> None:
+        """Break a device's current connection: reset (both ends notice) or silent (nobody does)."""
+        link = self.devices[label].link
+        if link is None:
+            return
+        if silent:
+            self.notes.append(f"{self.now - EPOCH:9.3f} {label}#{link.number} silently cut")
+            link.silent = True
+            link.keep_only(None)
+        else:
+            self.notes.append(f"{self.now - EPOCH:9.3f} {label}#{link.number} reset")
+            self.reset(link)
+
+    def reset(self, link: Link) -> None:
+        link.keep_only(None)
+        self.detach_server(link)
+        self.detach_client(link)
+
+    def restart_server(self, downtime: float = 0.0) -> None:
+        """
+        The server process dies: every connection and the hub are gone; the store survives.
+
+        A new hub starts on the same store after ``downtime``; until then, reconnects fail.
+        """
+        self.notes.append(f"{self.now - EPOCH:9.3f} server restarts (down {downtime}s)")
+        self.restarts += 1
+        self.server_up = False
+        for link in list(self.links):
+            link.server = None
+            link.keep_only(None)
+            if not link.silent:
+                self.detach_client(link)
+            self._forget(link)
+        self.hub = self._new_hub()
+        if downtime:
+            self.after(downtime, "server is back", self._server_back)
+        else:
+            self._server_back()
+
+    def _server_back(self) -> None:
+        self.server_up = True
+
+    def client_closed(self, device: Device) -> None:
+        """The client gave up its connection: the server sees the FIN unless the link is silent."""
+        link = device.link
+        assert link is not None
+        if not link.silent:
+            link.keep_only(None)
+            self.detach_server(link)
+        self.detach_client(link)
+
+    def detach_client(self, link: Link) -> None:
+        device = link.device
+        if device is None:
+            return
+        link.device = None
+        link.keep_only(UP)
+        if device.link is link:
+            device.link = None
+            device.client.connection_lost()
+            if device.online:
+                self.after(self.reconnect_delay, f"{device.label} reconnects", lambda: self._dial(device))
+        self._forget(link)
+
+    def detach_server(self, link: Link) -> None:
+        server = link.server
+        if server is None:
+            return
+        link.server = None
+        self.hub.connection_lost(server)
+        self._forget(link)
+
+    def _forget(self, link: Link) -> None:
+        if link.device is None and link.server is None and link in self.links:
+            self.links.remove(link)
+
+    # Running ------------------------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """Do everything that is due now, until nothing more is."""
+        for _ in range(100_000):
+            now = self.clock.seconds()
+            moved = False
+            agenda = self._agenda
+            while agenda and agenda[0][0] <= now:
+                _, _, _, action = heapq.heappop(agenda)
+                action()
+                moved = True
+            for link in list(self.links):
+                moved |= link.deliver_due(now)
+            for device in self.devices.values():
+                moved |= device.poll(now)
+            for link in list(self.links):
+                moved |= link.poll_server(now)
+            if not moved:
+                return
+        raise AssertionError("livelock: the simulation keeps doing things without time passing")
+
+    def next_time(self) -> float | None:
+        times = []
+        if self._agenda:
+            times.append(self._agenda[0][0])
+        for link in self.links:
+            due = link.next_due()
+            if due is not None:
+                times.append(due)
+            if link.server is not None:
+                due = link.server.next_deadline()
+                if due is not None:
+                    times.append(due)
+        for device in self.devices.values():
+            due = device.client.next_deadline()
+            if due is not None:
+                times.append(due)
+        return min(times) if times else None
+
+    def run_until(self, end: float, until: Callable[[], bool] | None = None) -> bool:
+        """
+        Advance to ``end`` (absolute) event by event; stop early, returning True, once ``until()``.
+        """
+        stuck = 0
+        while True:
+            self._settle()
+            if until is not None and until():
+                return True
+            when = self.next_time()
+            now = self.clock.seconds()
+            if when is None or when > end:
+                if end > now:
+                    self.clock.advance(end - now)
+                    self._settle()
+                return until() if until is not None else False
+            if when <= now:
+                stuck += 1
+                assert stuck < 1000, f"a deadline at {when} stays due at {now} and nothing happens"
+            else:
+                stuck = 0
+                self.clock.advance(when - now)
+
+    def run_for(self, seconds: float, until: Callable[[], bool] | None = None) -> bool:
+        return self.run_until(self.now + seconds, until)
+
+    def quiet(self) -> bool:
+        """
+        Nothing left to do but heartbeats: every online device is logged in and caught up with the
+        store, nothing is unacknowledged or in flight, no connection waits for an ack, and nothing
+        is on the agenda.
+        """
+        if self._agenda:
+            return False
+        for link in self.links:
+            if link.in_flight or link.device is None or link.server is None or link.server.unacked:
+                return False
+        for device in self.devices.values():
+            if not device.online:
+                continue
+            client = device.client
+            if device.link is None or client.state != CLIENT_READY or not client.caught_up:
+                return False
+            if client.unacknowledged or client.inbound.pending or client.inbound.ack_due:
+                return False
+            heads = _fired(self.store.conversations(device.user))
+            delivered = client.inbound.delivered
+            if any(delivered.get(c, 0) != head for c, head in heads.items()):
+                return False
+        return True
+
+    def settle_down(self, limit: float = 3600.0) -> bool:
+        """Run with no new faults until quiet (True) or ``limit`` seconds have passed (False)."""
+        return self.run_for(limit, self.quiet)
+
+    # Checking -----------------------------------------------------------------------------------
+
+    def stored(self) -> dict[str, list[Message]]:
+        """Every conversation in the store with all its messages, from its public interface."""
+        conversations: set[str] = set()
+        for user in {d.user for d in self.devices.values()}:
+            conversations.update(_fired(self.store.conversations(user)))
+        return {c: _fired(self.store.read(c, 0, 1_000_000)) for c in sorted(conversations)}
+
+    def violations(self, require_all_acked: bool = True) -> list[str]:
+        """
+        What went wrong, as readable sentences (empty if nothing did):
+
+        1. an acknowledged message is missing from a device of a member of its conversation (the
+           sending device included: it sees its own messages through the ack);
+        2. a device's application got a message twice;
+        3. a device's application did not get its conversation as exactly seq 1..N in order, each
+           message identical to the stored one (so every reader sees the same order);
+        4. a bundle was split across deliveries or interleaved with other messages;
+        5. a send was not acknowledged (or was rejected, or expired);
+        6. a server id names two different messages, or an ack disagrees with what was stored;
+
+        plus anything the hub logged as a failure, and login rejections for a right password.
+        ``require_all_acked=False`` skips 5, for runs where sends were abandoned on purpose.
+        """
+        problems: list[str] = []
+        stored = self.stored()
+        by_server_id: dict[int, Message] = {}
+        members: dict[str, tuple[str, ...]] = {}
+        for conversation, messages in stored.items():
+            members[conversation] = _fired(self.store.members(conversation))
+            seqs = [m.seq for m in messages]
+            if seqs != list(range(1, len(seqs) + 1)):
+                problems.append(f"(3) the store holds {conversation} as seqs {seqs}")
+            for m in messages:
+                other = by_server_id.setdefault(m.server_id, m)
+                if other != m:
+                    problems.append(f"(6) server id {m.server_id} is both {other} and {m}")
+
+        # 5 and 6: every send acknowledged, with what was stored.
+        acked: dict[tuple[str, int], Message] = {}
+        for sent in self.sent:
+            device = self.devices[sent.device]
+            ack = device.app.acks.get(sent.client_msg_id)
+            if ack is None:
+                if require_all_acked:
+                    problems.append(f"(5) {sent.device} never got an ack for send {sent.client_msg_id} made at {sent.at - EPOCH:.3f}")
+                continue
+            if ack.status != 0 or ack.conversation != sent.conversation or ack.count != len(sent.items):
+                problems.append(f"(5) {sent.device}: ack {ack} does not fit send to {sent.conversation} of {len(sent.items)}")
+                continue
+            window = stored.get(ack.conversation, [])[ack.seq - 1 : ack.seq - 1 + ack.count]
+            for index, item in enumerate(sent.items):
+                m = window[index] if index < len(window) else None
+                if (
+                    m is None
+                    or m.server_id != ack.server_id + index
+                    or (m.sender, m.sender_device, m.client_msg_id) != (device.user, device.name, sent.client_msg_id)
+                    or (m.content_type, m.body) != (item.content_type, item.body)
+                    or m.sent_at != ack.sent_at
+                ):
+                    problems.append(f"(6) {sent.device}: ack {ack} item {index} does not match the store ({m})")
+                else:
+                    acked[(m.conversation, m.seq)] = m
+        # Every message stored must come from a send made exactly once.
+        origins = Counter((s.device, s.client_msg_id) for s in self.sent)
+        for conversation, messages in stored.items():
+            for m in messages:
+                if origins[(f"{m.sender}/{m.sender_device}", m.client_msg_id)] != 1:
+                    problems.append(f"(6) stored {m} comes from no send (or several)")
+
+        for device in self.devices.values():
+            app = device.app
+            problems.extend(app.problems)
+            for code, reason in app.login_rejections:
+                if code == 10:  # AUTH_FAILED: the password is right, so this is a bug
+                    problems.append(f"{device.label}: login rejected: {reason}")
+            got: dict[str, list[Message]] = {}
+            for m in app.messages():
+                got.setdefault(m.conversation, []).append(m)
+                if by_server_id.get(m.server_id) != m:
+                    problems.append(f"(6) {device.label} got {m}, stored as {by_server_id.get(m.server_id)}")
+            for conversation, messages in stored.items():
+                mine = got.pop(conversation, [])
+                if device.user not in members[conversation]:
+                    if mine:
+                        problems.append(f"{device.label} got messages of {conversation}, not its conversation")
+                    continue
+                seqs = [m.seq for m in mine]
+                twice = sorted(seq for seq, n in Counter(seqs).items() if n > 1)
+                if twice:
+                    problems.append(f"(2) {device.label} got {conversation} seqs {twice} more than once")
+                missing = sorted(set(range(1, len(messages) + 1)) - set(seqs))
+                lost = [seq for seq in missing if (conversation, seq) in acked]
+                if lost:
+                    problems.append(f"(1) {device.label} never got acknowledged {conversation} seqs {lost}")
+                if missing and not lost:
+                    problems.append(f"(3) {device.label} never got {conversation} seqs {missing}")
+                if not twice and not missing and seqs != sorted(seqs):
+                    problems.append(f"(3) {device.label} got {conversation} in the order {seqs}")
+                if not twice and not missing and mine != messages:
+                    problems.append(f"(3) {device.label} got {conversation} messages that differ from the store")
+            for conversation in got:
+                problems.append(f"{device.label} got messages of {conversation}, which the store does not have")
+            problems.extend(self._split_bundles(device, stored))
+        problems.extend(f"hub failure: {f}" for f in self.server_failures)
+        return problems
+
+    def _split_bundles(self, device: Device, stored: dict[str, list[Message]]) -> list[str]:
+        """(4) Each bundle arrives whole, in one delivery, its messages consecutive."""
+        problems = []
+        for number, batch in enumerate(device.app.batches):
+            for index, m in enumerate(batch):
+                history = stored.get(m.conversation, [])
+                before = history[m.seq - 2] if 2 <= m.seq <= len(history) + 1 else None
+                if before is not None and before.bundle_remaining:
+                    # m continues a bundle: its predecessor must come right before it, in this batch.
+                    if index == 0 or batch[index - 1] != before:
+                        problems.append(f"(4) {device.label} got {m.conversation} seq {m.seq} apart from the rest of its bundle (delivery {number})")
+                if m.bundle_remaining:
+                    if index + 1 >= len(batch) or batch[index + 1].conversation != m.conversation or batch[index + 1].seq != m.seq + 1:
+                        problems.append(f"(4) {device.label} got {m.conversation} seq {m.seq} without the rest of its bundle (delivery {number})")
+        return problems
+
+    def explain(self, last: int = 400) -> str:
+        """The notes (cuts, restarts) and the fate of the last frames, for a failure report."""
+        lines = list(self.notes)
+        lines.append(f"--- last {min(last, len(self.trace))} of {len(self.trace)} frames")
+        lines.extend(str(t) for t in self.trace[-last:])
+        for device in self.devices.values():
+            client = device.client
+            lines.append(
+                f"{device.label}: state={client.state} caught_up={client.caught_up} unacked={client.unacknowledged} "
+                f"delivered={client.inbound.delivered} pending={ {c: sorted(p) for c, p in client.inbound.pending.items()} } "
+                f"logins={device.app.logins} link={'#%d' % device.link.number if device.link else None}"
+            )
+        for conversation, messages in self.stored().items():
+            lines.append(f"store {conversation}: head {len(messages)}")
+        return "\n".join(lines)
