@@ -144,7 +144,8 @@ class IMClient(Service):
             self._state.load().addCallbacks(self._state_read, self._state_unreadable)
         else:
             self._connector.startService()
-        self._offline_timer.arm()
+        if self._protocol is None:
+            self._offline_timer.arm()  # sends queued before the start keep their timeout
 
     def _state_read(self, positions: dict[str, int]) -> None:
         self._state_loaded = True

@@ -1,0 +1,118 @@
+"""The twistd plugin: discoverable, options validated with one-line errors, a service that starts and stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+from twisted.internet import defer, reactor
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from imkit.passwords import Passwords
+from imkit.server import tap
+from imkit.server.service import IMServerService
+from imkit.store import MemoryStore, SQLiteStore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(*argv: str) -> tap.Options:
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+class PluginTests(SynchronousTestCase):
+    def test_twistd_lists_imkit(self) -> None:
+        """`twistd --help` names the imkit plugin (the installed twisted/plugins/imkit_plugin.py)."""
+        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+        with tempfile.TemporaryDirectory() as scratch:
+            result = subprocess.run(
+                [os.path.join(os.path.dirname(sys.executable), "twistd"), "--help"],
+                capture_output=True,
+                text=True,
+                cwd=scratch,
+                env=env,
+                timeout=120,
+            )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"\n\s+imkit\s")
+
+    def test_help_documents_every_option(self) -> None:
+        text = str(tap.Options())
+        for option in (
+            "--listen", "--tls-cert", "--tls-key", "--store", "--heartbeat", "--idle-timeout",
+            "--login-timeout", "--ack-timeout", "--max-unacked", "--max-frame", "--max-body", "--extension",
+        ):
+            self.assertIn(option, text)
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        options = parse()
+        self.assertEqual(options["listen"], ["tls:14000"])
+        self.assertIsInstance(options.store, SQLiteStore)
+        self.assertEqual(options.store.path, os.path.abspath("imkit.sqlite3"))
+
+    def test_forms_scripts_rely_on(self) -> None:
+        options = parse("--listen", "tls:0:interface=127.0.0.1", "--listen", "tcp:0:interface=127.0.0.1", "--store", "memory:")
+        self.assertEqual(options["listen"], ["tls:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"])
+        self.assertIsInstance(options.store, MemoryStore)
+
+    def test_bad_values_name_the_fix(self) -> None:
+        cases = {
+            ("--store", "redis:x"): "use sqlite:PATH or memory:",
+            ("--heartbeat", "soon"): "--heartbeat takes a number",
+            ("--max-unacked", "0"): "greater than 0",
+            ("--tls-cert", "a.pem"): "pass --tls-cert and --tls-key together",
+            ("--tls-profile", "old"): "intermediate or modern",
+            ("--extension", "nope"): "MODULE:ATTRIBUTE",
+        }
+        for argv, fix in cases.items():
+            with self.assertRaises(usage.UsageError) as caught:
+                parse(*argv)
+            message = str(caught.exception)
+            self.assertIn(fix, message)
+            self.assertNotIn("\n", message)
+
+    def test_bad_listen_string_and_missing_certificate(self) -> None:
+        for argv, fix in (
+            (("--listen", "tls:notaport"), "tls:"),
+            (("--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"), "--tls-cert"),
+        ):
+            with self.assertRaises(usage.UsageError) as caught:
+                tap.makeService(parse("--store", "memory:", *argv), reactor=reactor)
+            self.assertIn(fix, str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
+
+    def test_twistd_reports_bad_options_in_one_line(self) -> None:
+        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+        with tempfile.TemporaryDirectory() as scratch:
+            result = subprocess.run(
+                [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "imkit", "--store", "nope:"],
+                capture_output=True, text=True, cwd=scratch, env=env, timeout=120,
+            )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("unknown store 'nope:': use sqlite:PATH or memory:", result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+
+class ServiceTests(TestCase):
+    @defer.inlineCallbacks
+    def test_starts_listens_and_stops_closing_the_store(self) -> None:
+        """The service opens the store, listens on 127.0.0.1, and on stop closes the store."""
+        path = os.path.join(tempfile.mkdtemp(), "imkit.sqlite3")
+        options = parse("--listen", "tls:0:interface=127.0.0.1", "--store", f"sqlite:{path}")
+        service = tap.makeService(options, reactor=reactor, passwords=Passwords.fast_for_tests())
+        self.assertIsInstance(service, IMServerService)
+        service.startService()
+        (port,) = yield service.whenListening()
+        self.assertEqual(port.getHost().host, "127.0.0.1")
+        self.assertNotEqual(port.getHost().port, 0)
+        yield service.stopService()
+        self.assertTrue(os.path.exists(path))
+        with self.assertRaises(Exception):
+            yield service.store.head("dm:a:b")
