@@ -2,7 +2,8 @@
 Encode and decode cost per frame: the generated codec against construct and against hand-written
 ``struct`` code.
 
-Run ``python benchmarks/bench_codec.py`` (add ``--quick`` for a fast, noisier run).
+Run ``python benchmarks/bench_codec.py`` (add ``--quick`` for a fast, noisier run, and ``--cpu`` to
+count CPU time rather than wall time when other processes compete for the CPU).
 
 Five codecs, on four representative packets (a Send with a 100-byte body, a Deliver, a SendAck
 and a DeliverAck):
@@ -30,6 +31,7 @@ loops, in microseconds per frame.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import struct
 import sys
@@ -105,102 +107,143 @@ def _short() -> DecodeError:
     return DecodeError("truncated or trailing bytes")
 
 
+def _send_frame(
+    client_msg_id: int, target_type: int, target: str, content_type: str, body: bytes, flags: int = 0
+) -> bytes:
+    target_b = target.encode("utf-8")
+    ctype = content_type.encode("utf-8")
+    length = 20 + len(target_b) + len(ctype) + len(body)
+    head = _SEND_HEAD.pack(length, 1, flags, schema.SEND, client_msg_id, target_type, len(target_b))
+    return b"".join((head, target_b, _U8.pack(len(ctype)), ctype, _U32.pack(len(body)), body))
+
+
 def hand_encode_send(p: Send, flags: int = 0) -> bytes:
-    target = p.target.encode("utf-8")
-    ctype = p.content_type.encode("utf-8")
-    body = p.body
-    length = 20 + len(target) + len(ctype) + len(body)
-    head = _SEND_HEAD.pack(length, 1, flags, schema.SEND, p.client_msg_id, p.target_type, len(target))
-    return b"".join((head, target, _U8.pack(len(ctype)), ctype, _U32.pack(len(body)), body))
+    return _send_frame(p.client_msg_id, p.target_type, p.target, p.content_type, p.body, flags)
 
 
-def _send_fields(b: bytes) -> tuple:
-    end = len(b)
-    if end < 11:
-        raise _short()
-    client_msg_id, target_type, n = _SEND_FIXED.unpack_from(b, 0)
-    pos = 11 + n
-    if pos + 1 > end:
-        raise _short()
-    target = b[11:pos].decode("utf-8")
-    stop = pos + 1 + b[pos]
-    if stop + 4 > end:
-        raise _short()
-    ctype = b[pos + 1 : stop].decode("utf-8")
-    (n,) = _U32.unpack_from(b, stop)
-    if stop + 4 + n != end:
-        raise _short()
-    return client_msg_id, target_type, target, ctype, b[stop + 4 :]
+def hand_decode_send(b: bytes, as_tuple: bool = False) -> Any:
+    try:
+        end = len(b)
+        if end < 11:
+            raise _short()
+        client_msg_id, target_type, n = _SEND_FIXED.unpack_from(b, 0)
+        pos = 11 + n
+        if pos + 1 > end:
+            raise _short()
+        target = b[11:pos].decode("utf-8")
+        stop = pos + 1 + b[pos]
+        if stop + 4 > end:
+            raise _short()
+        ctype = b[pos + 1 : stop].decode("utf-8")
+        (n,) = _U32.unpack_from(b, stop)
+        if stop + 4 + n != end:
+            raise _short()
+    except UnicodeDecodeError as error:
+        raise DecodeError(str(error)) from None
+    if as_tuple:
+        return client_msg_id, target_type, target, ctype, b[stop + 4 :]
+    return Send(client_msg_id, target_type, target, ctype, b[stop + 4 :])
 
 
-def hand_decode_send(b: bytes) -> Send:
-    return Send(*_send_fields(b))
+def _sendack_frame(
+    client_msg_id: int,
+    status: int,
+    server_id: int,
+    seq: int,
+    sent_at: int,
+    count: int,
+    conversation: str,
+    reason: str,
+    flags: int = 0,
+) -> bytes:
+    conversation_b = conversation.encode("utf-8")
+    reason_b = reason.encode("utf-8")
+    length = 44 + len(conversation_b) + len(reason_b)
+    head = _SENDACK_HEAD.pack(
+        length, 1, flags, schema.SEND_ACK, client_msg_id, status, server_id, seq, sent_at, count, len(conversation_b)
+    )
+    return b"".join((head, conversation_b, _U16.pack(len(reason_b)), reason_b))
 
 
 def hand_encode_sendack(p: SendAck, flags: int = 0) -> bytes:
-    conversation = p.conversation.encode("utf-8")
-    reason = p.reason.encode("utf-8")
-    length = 44 + len(conversation) + len(reason)
-    head = _SENDACK_HEAD.pack(
-        length, 1, flags, schema.SEND_ACK, p.client_msg_id, p.status, p.server_id, p.seq, p.sent_at, p.count, len(conversation)
+    return _sendack_frame(
+        p.client_msg_id, p.status, p.server_id, p.seq, p.sent_at, p.count, p.conversation, p.reason, flags
     )
-    return b"".join((head, conversation, _U16.pack(len(reason)), reason))
 
 
-def _sendack_fields(b: bytes) -> tuple:
-    end = len(b)
-    if end < 38:
-        raise _short()
-    client_msg_id, status, server_id, seq, sent_at, count, n = _SENDACK_FIXED.unpack_from(b, 0)
-    pos = 38 + n
-    if pos + 2 > end:
-        raise _short()
-    conversation = b[38:pos].decode("utf-8")
-    (n,) = _U16.unpack_from(b, pos)
-    if pos + 2 + n != end:
-        raise _short()
-    return client_msg_id, status, server_id, seq, sent_at, count, conversation, b[pos + 2 :].decode("utf-8")
+def hand_decode_sendack(b: bytes, as_tuple: bool = False) -> Any:
+    try:
+        end = len(b)
+        if end < 38:
+            raise _short()
+        client_msg_id, status, server_id, seq, sent_at, count, n = _SENDACK_FIXED.unpack_from(b, 0)
+        pos = 38 + n
+        if pos + 2 > end:
+            raise _short()
+        conversation = b[38:pos].decode("utf-8")
+        (n,) = _U16.unpack_from(b, pos)
+        if pos + 2 + n != end:
+            raise _short()
+        reason = b[pos + 2 :].decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DecodeError(str(error)) from None
+    if as_tuple:
+        return client_msg_id, status, server_id, seq, sent_at, count, conversation, reason
+    return SendAck(client_msg_id, status, server_id, seq, sent_at, count, conversation, reason)
 
 
-def hand_decode_sendack(b: bytes) -> SendAck:
-    return SendAck(*_sendack_fields(b))
+def _deliverack_frame(conversation: str, seq: int, flags: int = 0) -> bytes:
+    conversation_b = conversation.encode("utf-8")
+    head = _DELIVERACK_HEAD.pack(14 + len(conversation_b), 1, flags, schema.DELIVER_ACK, seq, len(conversation_b))
+    return head + conversation_b
 
 
 def hand_encode_deliverack(p: DeliverAck, flags: int = 0) -> bytes:
-    conversation = p.conversation.encode("utf-8")
-    return _DELIVERACK_HEAD.pack(14 + len(conversation), 1, flags, schema.DELIVER_ACK, p.seq, len(conversation)) + conversation
+    return _deliverack_frame(p.conversation, p.seq, flags)
 
 
-def _deliverack_fields(b: bytes) -> tuple:
-    if len(b) < 10:
-        raise _short()
-    seq, n = _DELIVERACK_FIXED.unpack_from(b, 0)
-    if 10 + n != len(b):
-        raise _short()
-    return b[10:].decode("utf-8"), seq
+def hand_decode_deliverack(b: bytes, as_tuple: bool = False) -> Any:
+    try:
+        if len(b) < 10:
+            raise _short()
+        seq, n = _DELIVERACK_FIXED.unpack_from(b, 0)
+        if 10 + n != len(b):
+            raise _short()
+        conversation = b[10:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DecodeError(str(error)) from None
+    if as_tuple:
+        return conversation, seq
+    return DeliverAck(conversation, seq)
 
 
-def hand_decode_deliverack(b: bytes) -> DeliverAck:
-    return DeliverAck(*_deliverack_fields(b))
-
-
-def hand_encode_deliver(p: Deliver, flags: int = 0) -> bytes:
-    m = p.message
-    conversation = m.conversation.encode("utf-8")
-    sender = m.sender.encode("utf-8")
-    device = m.sender_device.encode("utf-8")
-    ctype = m.content_type.encode("utf-8")
-    body = m.body
-    length = 49 + len(conversation) + len(sender) + len(device) + len(ctype) + len(body)
+def _deliver_frame(
+    server_id: int,
+    conversation: str,
+    seq: int,
+    sender: str,
+    sender_device: str,
+    client_msg_id: int,
+    sent_at: int,
+    content_type: str,
+    body: bytes,
+    bundle_remaining: int,
+    flags: int = 0,
+) -> bytes:
+    conversation_b = conversation.encode("utf-8")
+    sender_b = sender.encode("utf-8")
+    device = sender_device.encode("utf-8")
+    ctype = content_type.encode("utf-8")
+    length = 49 + len(conversation_b) + len(sender_b) + len(device) + len(ctype) + len(body)
     head = _DELIVER_HEAD.pack(
-        length, 1, flags, schema.DELIVER, m.server_id, m.seq, m.client_msg_id, m.sent_at, m.bundle_remaining, len(conversation)
+        length, 1, flags, schema.DELIVER, server_id, seq, client_msg_id, sent_at, bundle_remaining, len(conversation_b)
     )
     return b"".join(
         (
             head,
-            conversation,
-            _U16.pack(len(sender)),
-            sender,
+            conversation_b,
+            _U16.pack(len(sender_b)),
+            sender_b,
             _U16.pack(len(device)),
             device,
             _U8.pack(len(ctype)),
@@ -211,67 +254,74 @@ def hand_encode_deliver(p: Deliver, flags: int = 0) -> bytes:
     )
 
 
-def _message_fields(b: bytes) -> tuple:
-    end = len(b)
-    if end < 36:
-        raise _short()
-    server_id, seq, client_msg_id, sent_at, bundle_remaining, n = _MESSAGE_FIXED.unpack_from(b, 0)
-    pos = 36 + n
-    if pos + 2 > end:
-        raise _short()
-    conversation = b[36:pos].decode("utf-8")
-    (n,) = _U16.unpack_from(b, pos)
-    stop = pos + 2 + n
-    if stop + 2 > end:
-        raise _short()
-    sender = b[pos + 2 : stop].decode("utf-8")
-    (n,) = _U16.unpack_from(b, stop)
-    pos = stop + 2 + n
-    if pos + 1 > end:
-        raise _short()
-    device = b[stop + 2 : pos].decode("utf-8")
-    stop = pos + 1 + b[pos]
-    if stop + 4 > end:
-        raise _short()
-    ctype = b[pos + 1 : stop].decode("utf-8")
-    (n,) = _U32.unpack_from(b, stop)
-    if stop + 4 + n != end:
-        raise _short()
+def hand_encode_deliver(p: Deliver, flags: int = 0) -> bytes:
+    m = p.message
+    return _deliver_frame(
+        m.server_id,
+        m.conversation,
+        m.seq,
+        m.sender,
+        m.sender_device,
+        m.client_msg_id,
+        m.sent_at,
+        m.content_type,
+        m.body,
+        m.bundle_remaining,
+        flags,
+    )
+
+
+def hand_decode_deliver(b: bytes, as_tuple: bool = False) -> Any:
+    try:
+        end = len(b)
+        if end < 36:
+            raise _short()
+        server_id, seq, client_msg_id, sent_at, bundle_remaining, n = _MESSAGE_FIXED.unpack_from(b, 0)
+        pos = 36 + n
+        if pos + 2 > end:
+            raise _short()
+        conversation = b[36:pos].decode("utf-8")
+        (n,) = _U16.unpack_from(b, pos)
+        stop = pos + 2 + n
+        if stop + 2 > end:
+            raise _short()
+        sender = b[pos + 2 : stop].decode("utf-8")
+        (n,) = _U16.unpack_from(b, stop)
+        pos = stop + 2 + n
+        if pos + 1 > end:
+            raise _short()
+        device = b[stop + 2 : pos].decode("utf-8")
+        stop = pos + 1 + b[pos]
+        if stop + 4 > end:
+            raise _short()
+        ctype = b[pos + 1 : stop].decode("utf-8")
+        (n,) = _U32.unpack_from(b, stop)
+        if stop + 4 + n != end:
+            raise _short()
+    except UnicodeDecodeError as error:
+        raise DecodeError(str(error)) from None
+    body = b[stop + 4 :]
     # In Message's attribute order.
-    return server_id, conversation, seq, sender, device, client_msg_id, sent_at, ctype, b[stop + 4 :], bundle_remaining
-
-
-def hand_decode_deliver(b: bytes) -> Deliver:
-    return Deliver(Message(*_message_fields(b)))
-
-
-def _checked(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    """Bad UTF-8 becomes a DecodeError, as in the generated codec."""
-
-    def checked(b: bytes) -> Any:
-        try:
-            return decode(b)
-        except UnicodeDecodeError as error:
-            raise DecodeError(str(error)) from None
-
-    return checked
+    if as_tuple:
+        return server_id, conversation, seq, sender, device, client_msg_id, sent_at, ctype, body, bundle_remaining
+    message = Message(server_id, conversation, seq, sender, device, client_msg_id, sent_at, ctype, body, bundle_remaining)
+    return Deliver(message)
 
 
 HAND = {
-    "Send": (hand_encode_send, _checked(hand_decode_send), _checked(_send_fields)),
-    "Deliver": (hand_encode_deliver, _checked(hand_decode_deliver), _checked(_message_fields)),
-    "SendAck": (hand_encode_sendack, _checked(hand_decode_sendack), _checked(_sendack_fields)),
-    "DeliverAck": (hand_encode_deliverack, _checked(hand_decode_deliverack), _checked(_deliverack_fields)),
+    "Send": (hand_encode_send, hand_decode_send),
+    "Deliver": (hand_encode_deliver, hand_decode_deliver),
+    "SendAck": (hand_encode_sendack, hand_decode_sendack),
+    "DeliverAck": (hand_encode_deliverack, hand_decode_deliverack),
 }
 
-
-def _tuple_encoder(name: str) -> Callable[[tuple], bytes]:
-    """The hand-written encoder fed from a tuple of the values instead of a packet object."""
-    encode = HAND[name][0]
-    cls = type(PACKETS[name])
-    if name == "Deliver":
-        return lambda values: encode(Deliver(Message(*values)))
-    return lambda values: encode(cls(*values))
+# The tuple variant's encoders: the values in the class's attribute order.
+HAND_TUPLE_ENCODE = {
+    "Send": lambda t: _send_frame(*t),
+    "Deliver": lambda t: _deliver_frame(*t),
+    "SendAck": lambda t: _sendack_frame(*t),
+    "DeliverAck": lambda t: _deliverack_frame(*t),
+}
 
 
 # Construct's form of the values ----------------------------------------------------------------
@@ -292,14 +342,17 @@ def _values(declaration: Any, obj: Any) -> dict:
 # Timing ----------------------------------------------------------------------------------------
 
 
-def best_us(fn: Callable[[Any], Any], arg: Any, number: int, repeat: int) -> float:
+Clock = Callable[[], float]
+
+
+def best_us(fn: Callable[[Any], Any], arg: Any, number: int, repeat: int, clock: Clock = time.perf_counter) -> float:
     """Microseconds per call: the best of ``repeat`` loops of ``number`` calls."""
     best = float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         for _ in range(number):
             fn(arg)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best / number * 1e6
 
 
@@ -309,9 +362,10 @@ def check(name: str) -> None:
     kind = codec.kind_of(packet)
     frame = codec.encode(packet)
     body = frame[schema.HEADER_SIZE :]
-    hand_encode, hand_decode, _ = HAND[name]
+    hand_encode, hand_decode = HAND[name]
     assert hand_encode(packet) == frame, name
     assert hand_decode(body) == packet, name
+    assert HAND_TUPLE_ENCODE[name](hand_decode(body, True)) == frame, name
     assert codec.decode_body(kind, body) == packet, name
     declaration = schema.BODIES[kind]
     assert declaration.build(_values(declaration, packet)) == body, name
@@ -321,7 +375,7 @@ def check(name: str) -> None:
 COLUMNS = ["generated", "hand/objects", "hand/tuples", "construct", "compiled"]
 
 
-def run(number: int, repeat: int) -> list[tuple[str, str, dict[str, float]]]:
+def run(number: int, repeat: int, clock: Clock = time.perf_counter) -> list[tuple[str, str, dict[str, float]]]:
     rows = []
     for name, packet in PACKETS.items():
         check(name)
@@ -330,34 +384,35 @@ def run(number: int, repeat: int) -> list[tuple[str, str, dict[str, float]]]:
         declaration = schema.BODIES[kind]
         compiled = declaration.compile()
         values = _values(declaration, packet)
-        hand_encode, hand_decode, hand_decode_tuple = HAND[name]
-        as_tuple = hand_decode_tuple(body)
+        hand_encode, hand_decode = HAND[name]
+        as_tuple = hand_decode(body, True)
         slow = max(1, number // 20)  # construct is far slower: fewer calls, same accuracy
         decode_body = codec.decode_body
 
         encoders = {
             "generated": (codec.encode, packet, number),
             "hand/objects": (hand_encode, packet, number),
-            "hand/tuples": (_tuple_encoder(name), as_tuple, number),
+            "hand/tuples": (HAND_TUPLE_ENCODE[name], as_tuple, number),
             "construct": (declaration.build, values, slow),
             "compiled": (compiled.build, values, slow),
         }
         decoders = {
-            "generated": (lambda b, kind=kind: decode_body(kind, b), body, number),
+            "generated": (functools.partial(decode_body, kind), body, number),
             "hand/objects": (hand_decode, body, number),
-            "hand/tuples": (hand_decode_tuple, body, number),
+            "hand/tuples": (functools.partial(hand_decode, as_tuple=True), body, number),
             "construct": (declaration.parse, body, slow),
             "compiled": (compiled.parse, body, slow),
         }
         for op, table in (("encode", encoders), ("decode", decoders)):
-            rows.append((name, op, {col: best_us(fn, arg, n, repeat) for col, (fn, arg, n) in table.items()}))
+            rows.append((name, op, {col: best_us(fn, arg, n, repeat, clock) for col, (fn, arg, n) in table.items()}))
     return rows
 
 
 def format_table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
     head = f"{'packet':<11}{'op':<7}" + "".join(f"{c:>13}" for c in COLUMNS)
     head += f"{'gen/hand':>10}{'constr/gen':>12}{'compl/gen':>11}"
-    lines = [f"microseconds per frame (best of runs); {sys.implementation.name} {sys.version.split()[0]}", head, "-" * len(head)]
+    title = f"microseconds per frame (best of runs); {sys.implementation.name} {sys.version.split()[0]}"
+    lines = [title, head, "-" * len(head)]
     for name, op, t in rows:
         line = f"{name:<11}{op:<7}" + "".join(f"{t[c]:>13.2f}" for c in COLUMNS)
         line += f"{t['generated'] / t['hand/objects']:>10.2f}"
@@ -369,9 +424,14 @@ def format_table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (noisier)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="time with process_time instead of perf_counter (steadier on a busy machine)"
+    )
     args = parser.parse_args(argv)
     number, repeat = (2_000, 3) if args.quick else (50_000, 7)
-    print(format_table(run(number, repeat)))
+    clock = time.process_time if args.cpu else time.perf_counter
+    print(format_table(run(number, repeat, clock)))
+    print(f"clock: {clock.__name__}")
 
 
 if __name__ == "__main__":

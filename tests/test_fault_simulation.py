@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 
 import attrs
+from pytest import approx
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
@@ -104,7 +105,12 @@ class Storm:
     """(at, device, silent?)."""
     restarts: tuple[tuple[float, float], ...] = ()
     """(at, downtime)."""
+    crashes: tuple[tuple[float, int], ...] = ()
+    """(at, device): the application dies and restarts at once with the positions it saved."""
     max_unacked: int = 10_000
+    """Deliveries in flight per connection (2 makes the server fall back to Heads and sync)."""
+    sync_page: int = 500
+    """Messages per sync answer (2 makes every sync paginate)."""
 
 
 times = st.integers(0, int(STORM * 4) - 1).map(lambda quarter: quarter / 4)
@@ -146,6 +152,7 @@ def storms(draw, frame_level: bool = True, connection_level: bool = True) -> Sto
         joins=joins,
         ops=tuple(draw(st.lists(ops, min_size=1, max_size=12))),
         max_unacked=draw(st.sampled_from((10_000, 10_000, 2))),
+        sync_page=draw(st.sampled_from((500, 500, 2))),
     )
     if frame_level:
         storm = attrs.evolve(
@@ -158,6 +165,7 @@ def storms(draw, frame_level: bool = True, connection_level: bool = True) -> Sto
             storm,
             cuts=tuple(draw(st.lists(cuts, max_size=3))),
             restarts=tuple(draw(st.lists(restarts, max_size=2))),
+            crashes=tuple(draw(st.lists(st.tuples(times, st.integers(0, 7)), max_size=2))),
         )
     return storm
 
@@ -176,7 +184,12 @@ def simulate(storm: Storm) -> World:
         noise=storm.noise,
         until=start + STORM,
     )
-    world = World(users, ServerSettings(max_unacked=storm.max_unacked), faults=faults)
+    world = World(
+        users,
+        ServerSettings(max_unacked=storm.max_unacked, sync_page=storm.sync_page),
+        ClientSettings(send_timeout=None, sync_page=storm.sync_page),
+        faults=faults,
+    )
     for label, join in zip(labels, storm.joins):
         world.at(start + join, f"{label} comes online", lambda label=label: world.connect(label))
     for number, op in enumerate(storm.ops):
@@ -192,6 +205,10 @@ def simulate(storm: Storm) -> World:
     for at, device, silent in storm.cuts:
         label = labels[device % len(labels)]
         world.at(start + at, f"cut {label}", lambda label=label, silent=silent: world.cut(label, silent))
+    for at, device in storm.crashes:
+        label = labels[device % len(labels)]
+        crash = lambda label=label: world.restart_device(label, world.device(label).app.positions())
+        world.at(start + at, f"{label} crashes", crash)
     for at, downtime in storm.restarts:
         world.at(start + at, "restart", lambda downtime=downtime: world.restart_server(downtime))
     world.run_until(start + STORM)
@@ -225,5 +242,236 @@ def test_lossy_links(storm: Storm) -> None:
 @simulation_settings(0.3)
 @given(storms(frame_level=False))
 def test_cuts_and_restarts(storm: Storm) -> None:
-    """Connection resets, silent cuts and server restarts alone, on links that lose no frame."""
+    """Connection resets, silent cuts, server restarts and application restarts alone, on links that lose no frame."""
     check(simulate(storm))
+
+
+# Explicit scenarios -----------------------------------------------------------------------------
+
+ANN_BOB = direct_conversation("ann", "bob")
+
+
+def bodies(world: World, label: str, conversation: str = ANN_BOB) -> list[bytes]:
+    return [m.body for m in world.device(label).app.messages() if m.conversation == conversation]
+
+
+def online_world(faults: FaultPlan | None = None, **users: int) -> World:
+    world = World(users or {"ann": 1, "bob": 1}, faults=faults)
+    world.connect_all()
+    world.run_for(1.0)
+    return world
+
+
+def test_lost_ack_is_answered_with_the_original_ack() -> None:
+    """
+    A Send whose SendAck is lost is resent, flagged as a resend, after the client's first resend
+    timeout (2 s plus up to 20% jitter).  The server recognises it by (sender, device,
+    client_msg_id), stores nothing new, pushes nothing new, and answers with the original ack:
+    same server id, same seq, same sent_at.
+    """
+    world = online_world(FaultPlan(rules=[first_of(schema.SEND_ACK, "ann/d1", DOWN)]))
+    cmid = world.send("ann/d1", "bob", b"hello")
+    assert world.settle_down()
+
+    sends = world.frames("ann/d1", UP, schema.SEND)
+    acks = world.frames("ann/d1", DOWN, schema.SEND_ACK)
+    assert [(t.resend, t.action) for t in sends] == [(False, DELIVER), (True, DELIVER)]
+    assert 2.0 <= sends[1].at - sends[0].at <= 2.4
+    assert [t.action for t in acks] == [DROP, DELIVER]
+    original, again = (t.packet() for t in acks)
+    assert again == original
+    assert (original.client_msg_id, original.seq, original.count) == (cmid, 1, 1)
+    assert original.sent_at == int((sends[0].at + LATENCY) * 1000)
+    assert world.device("ann/d1").app.acks == {cmid: original}
+
+    (stored,) = world.stored()[ANN_BOB]
+    assert (stored.server_id, stored.seq, stored.body) == (original.server_id, 1, b"hello")
+    assert len(world.frames("bob/d1", DOWN, schema.DELIVER)) == 1
+    assert bodies(world, "bob/d1") == bodies(world, "ann/d1") == [b"hello"]
+    assert world.violations() == []
+
+
+def test_lost_delivery_is_resent_after_the_ack_timeout() -> None:
+    """
+    A Deliver that is lost is pushed again, flagged as a resend, exactly ``ack_timeout`` (5 s)
+    after it was first sent, then after twice that (10 s) if it is lost again; once the recipient
+    acknowledges it, the server stops.  The recipient's application sees it once.
+    """
+    world = online_world(FaultPlan(rules=[first_of(schema.DELIVER, "bob/d1", DOWN, count=2)]))
+    world.send("ann/d1", "bob", b"are you there?")
+    assert world.settle_down()
+    world.run_for(600.0)
+
+    pushes = world.frames("bob/d1", DOWN, schema.DELIVER)
+    first = pushes[0].at
+    assert first == EPOCH + 1.0 + LATENCY
+    assert [(t.at - first, t.resend, t.action) for t in pushes] == [
+        (0.0, False, DROP),
+        (approx(5.0), True, DROP),
+        (approx(15.0), True, DELIVER),
+    ]
+    (ack,) = world.frames("bob/d1", UP, schema.DELIVER_ACK)
+    assert ack.packet().seq == 1
+    assert bodies(world, "bob/d1") == [b"are you there?"]
+    assert world.violations() == []
+
+
+def test_offline_recipient_gets_stored_messages_exactly_once_on_connect() -> None:
+    """
+    Messages to a user with no device online wait in the store.  When the device connects, the
+    sync after login hands them over, all of them, in order and once, in one delivery before
+    CaughtUp (a bundle among them stays whole); nothing is pushed and nothing comes again later.
+    """
+    world = World({"ann": 1, "bob": 1})
+    world.connect("ann/d1")
+    world.run_for(1.0)
+    for n in range(3):
+        world.send("ann/d1", "bob", b"note %d" % n)
+    world.send_bundle("ann/d1", "bob", [b"photo", b"caption"], via_conversation=True)
+    world.run_for(60.0)
+    assert len(world.stored()[ANN_BOB]) == 5
+    assert bodies(world, "bob/d1") == []
+
+    world.connect("bob/d1")
+    assert world.settle_down()
+    world.run_for(600.0)
+    expected = [b"note 0", b"note 1", b"note 2", b"photo", b"caption"]
+    app = world.device("bob/d1").app
+    assert [[m.body for m in batch] for batch in app.batches] == [expected]
+    assert app.caught_up == 1
+    assert world.frames("bob/d1", DOWN, schema.DELIVER) == []
+    assert world.frames("bob/d1", DOWN, schema.DELIVER_BUNDLE) == []
+    (result,) = world.frames("bob/d1", DOWN, schema.SYNC_RESULT)
+    assert [m.seq for m in result.packet().messages] == [1, 2, 3, 4, 5]
+    assert world.violations() == []
+
+
+def test_server_restart_mid_stream_loses_and_doubles_nothing() -> None:
+    """
+    The server dies while a stream of sends is under way: one send is stored but its ack dies with
+    the server, later ones are queued while it is down (5 s).  The clients reconnect, the stored
+    send is resent and answered with its original ack, the rest are stored once, in the order
+    they were sent, and both sides see all ten messages once.
+    """
+    world = online_world()
+    start = world.now
+    for n in range(10):
+        world.at(start + 0.1 * n, "send", lambda n=n: world.send("ann/d1", "bob", b"part %d" % n))
+    # The send at +0.4 reaches the server at +0.41; its ack would reach ann at +0.42.
+    world.at(start + 0.415, "restart", lambda: world.restart_server(downtime=5.0))
+    assert world.settle_down()
+
+    stored = world.stored()[ANN_BOB]
+    assert [m.body for m in stored] == [b"part %d" % n for n in range(10)]
+    lost_ack = stored[4]
+    ack = world.device("ann/d1").app.acks[lost_ack.client_msg_id]
+    assert (ack.server_id, ack.seq, ack.sent_at) == (lost_ack.server_id, 5, int((start + 0.41) * 1000))
+    # It was answered twice, the same way: once by the server that died, once after the restart.
+    answers = [t for t in world.frames("ann/d1", DOWN, schema.SEND_ACK) if t.packet().client_msg_id == ack.client_msg_id]
+    assert [t.packet() for t in answers] == [ack, ack]
+    assert answers[0].at < start + 0.415 < start + 5.415 <= answers[1].at
+    assert world.restarts == 1
+    assert bodies(world, "bob/d1") == bodies(world, "ann/d1") == [m.body for m in stored]
+    assert world.violations() == []
+
+
+def test_reconnect_with_last_sequence_gets_exactly_the_gap() -> None:
+    """
+    A device that reconnects tells the server the last sequence it has per conversation; the
+    sync answer holds exactly the messages after it (nothing it already has), which its
+    application then gets once.
+    """
+    world = online_world()
+    for n in range(1, 4):
+        world.send("ann/d1", "bob", b"m%d" % n)
+    world.run_for(5.0)
+    world.disconnect("bob/d1")
+    for n in range(4, 7):
+        world.send("ann/d1", "bob", b"m%d" % n)
+    world.run_for(5.0)
+    world.connect("bob/d1")
+    assert world.settle_down()
+
+    sync = world.frames("bob/d1", UP, schema.SYNC)[-1].packet()
+    assert [(c.conversation, c.seq) for c in sync.cursors] == [(ANN_BOB, 3)]
+    result = world.frames("bob/d1", DOWN, schema.SYNC_RESULT)[-1].packet()
+    assert [m.seq for m in result.messages] == [4, 5, 6]
+    assert bodies(world, "bob/d1") == [b"m%d" % n for n in range(1, 7)]
+    assert world.violations() == []
+
+
+def test_restarted_client_resumes_from_its_saved_positions() -> None:
+    """
+    An application restarted with the positions it saved (``ClientCore(delivered=...)``) syncs
+    from them, not from the server's cursors: it gets what arrived while it was down, and nothing
+    it had already processed.
+    """
+    world = online_world()
+    for n in range(1, 4):
+        world.send("ann/d1", "bob", b"m%d" % n)
+    world.run_for(5.0)
+    saved = world.device("bob/d1").app.positions()
+    assert saved == {ANN_BOB: 3}
+
+    world.restart_device("bob/d1", delivered=saved)
+    world.send("ann/d1", "bob", b"m4")
+    world.send_bundle("ann/d1", "bob", [b"m5", b"m6"])
+    assert world.settle_down()
+
+    sync = world.frames("bob/d1", UP, schema.SYNC)[-1].packet()
+    assert sync.flags & schema.SYNC_SERVER_CURSORS == 0
+    assert [(c.conversation, c.seq) for c in sync.cursors] == [(ANN_BOB, 3)]
+    batches = world.device("bob/d1").app.batches
+    assert [[m.body for m in b] for b in batches] == [[b"m1"], [b"m2"], [b"m3"], [b"m4", b"m5", b"m6"]]
+    assert world.violations() == []
+
+
+def test_client_without_saved_positions_resumes_at_the_server_cursor() -> None:
+    """
+    An application restarted with no saved positions (``delivered=None``) asks the server to start
+    each conversation at the device's acknowledged cursor: it gets only what it had not yet
+    acknowledged.
+    """
+    world = online_world()
+    for n in range(1, 4):
+        world.send("ann/d1", "bob", b"m%d" % n)
+    world.run_for(5.0)
+    world.restart_device("bob/d1", delivered=None)
+    world.send("ann/d1", "bob", b"m4")
+    assert world.settle_down()
+
+    sync = world.frames("bob/d1", UP, schema.SYNC)[-1].packet()
+    assert sync.flags & schema.SYNC_SERVER_CURSORS and sync.cursors == ()
+    assert [m.body for m in world.frames("bob/d1", DOWN, schema.SYNC_RESULT)[-1].packet().messages] == [b"m4"]
+    assert bodies(world, "bob/d1") == [b"m1", b"m2", b"m3", b"m4"]
+    assert world.violations() == []
+
+
+def test_lost_heads_are_resent_until_the_client_has_caught_up() -> None:
+    """
+    When a connection has ``max_unacked`` deliveries in flight, the server holds further ones
+    back and, once acks make room, sends Heads instead so that the client syncs.  A Heads frame
+    stands in for messages the client was never sent, so it is resent like a delivery (after
+    ``ack_timeout``) until the client's cumulative ack reaches its head.  (Found by the storms: a
+    lost Heads used to lose the held-back message for good.)
+    """
+    world = World(
+        {"ann": 1, "bob": 1},
+        ServerSettings(max_unacked=2),
+        faults=FaultPlan(rules=[first_of(schema.HEADS, "ann/d1", DOWN)]),
+    )
+    world.connect_all()
+    world.run_for(1.0)
+    for n in range(1, 4):
+        world.send("bob/d1", "ann", b"m%d" % n)
+    assert world.settle_down()
+    world.run_for(600.0)
+
+    assert len(world.frames("ann/d1", DOWN, schema.DELIVER)) == 2
+    heads = world.frames("ann/d1", DOWN, schema.HEADS)
+    assert [(t.at - heads[0].at, t.resend, t.action) for t in heads] == [(0.0, False, DROP), (approx(5.0), True, DELIVER)]
+    assert [(c.conversation, c.seq) for c in heads[1].packet().heads] == [(ANN_BOB, 3)]
+    gap = world.frames("ann/d1", UP, schema.SYNC)[-1].packet()
+    assert [(c.conversation, c.seq) for c in gap.cursors] == [(ANN_BOB, 2)]
+    assert bodies(world, "ann/d1") == [b"m1", b"m2", b"m3"]
+    assert world.violations() == []

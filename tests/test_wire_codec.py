@@ -35,7 +35,6 @@ from imkit.wire.framing import FrameReader
 from imkit.wire.packets import (
     PACKET_CLASSES,
     RECORD_CLASSES,
-    Cursor,
     DeliverAck,
     Hello,
     Send,
@@ -260,8 +259,9 @@ def test_classes_with_validators_are_built_through_init() -> None:
     assert plain[0x8001].decode(b"\x0b", 0, 1) == Plain(11)
     assert codec._slot_setters(Checked) is None
     assert codec._slot_setters(Plain) is not None
-    assert codec._slot_setters(attrs.define(slots=False, frozen=True)(type("NoSlots", (), {"__annotations__": {"x": int}}))) is None
-    assert codec._slot_setters(attrs.frozen(cache_hash=True)(type("Cached", (), {"__annotations__": {"x": int}}))) is None
+    bare = {"__annotations__": {"x": int}}
+    assert codec._slot_setters(attrs.define(slots=False, frozen=True)(type("NoSlots", (), dict(bare)))) is None
+    assert codec._slot_setters(attrs.frozen(cache_hash=True)(type("Cached", (), dict(bare)))) is None
 
 
 def test_every_kind_has_a_class_and_a_codec() -> None:
@@ -314,7 +314,12 @@ def test_garbage_decodes_canonically_or_not_at_all(kind: int, data: bytes) -> No
 
 @by_kind
 @checked
-@given(data=st.data(), edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255), st.sampled_from("sid")), min_size=1, max_size=4))
+@given(
+    data=st.data(),
+    edits=st.lists(
+        st.tuples(st.integers(0, 10**6), st.integers(0, 255), st.sampled_from("sid")), min_size=1, max_size=4
+    ),
+)
 def test_damaged_bodies_decode_canonically_or_not_at_all(
     kind: int, data: st.DataObject, edits: list[tuple[int, int, str]]
 ) -> None:
@@ -597,7 +602,8 @@ def test_strings_and_bytes_at_and_past_their_limit(kind: int, path: tuple[str, .
     declaration = schema.BODIES[kind]
     packet = simple_packet(kind)
     if field.shape == "str":
-        fitting, too_long = _strings_at_limit(limit), [s + "a" for s in _strings_at_limit(limit)] + ["é" * (limit // 2 + 1)]
+        fitting = _strings_at_limit(limit)
+        too_long = [s + "a" for s in fitting] + ["é" * (limit // 2 + 1)]
     else:
         fitting, too_long = [b"\x00" * limit], [b"\x00" * (limit + 1)]
     for value in fitting:
@@ -609,7 +615,9 @@ def test_strings_and_bytes_at_and_past_their_limit(kind: int, path: tuple[str, .
             encode(_replace(packet, declaration, path, value))
 
 
-_lists = [(kind, path, field) for kind in KINDS for path, field in _paths(schema.BODIES[kind], ("list",)) if len(path) == 1]
+_lists = [
+    (kind, path, field) for kind in KINDS for path, field in _paths(schema.BODIES[kind], ("list",)) if len(path) == 1
+]
 
 
 @pytest.mark.parametrize(

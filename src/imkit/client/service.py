@@ -158,7 +158,6 @@ class IMClient(Service):
 
     def _state_unreadable(self, failure: Failure) -> None:
         error = failure.value if isinstance(failure.value, IMClientError) else IMClientError(failure.getErrorMessage())
-        self.log.error("{error}", error=error)
         self._give_up(error)
 
     def stopService(self) -> Deferred[None]:

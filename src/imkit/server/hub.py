@@ -352,7 +352,7 @@ class Hub:
         heads = []
         for conversation in conversations:
             heads.append(packets.Cursor(conversation, await self.store.head(conversation)))
-        conn.send_packet(packets.Heads(tuple(heads)))
+        conn.announce_heads(tuple(heads))
 
 
 def _pair(a: str, b: str) -> tuple[str, ...]:

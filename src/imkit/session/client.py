@@ -208,6 +208,9 @@ class ClientCore:
             for head in packet.heads:
                 if head.seq > self.inbound.delivered.get(head.conversation, 0):
                     self._request_sync(head.conversation)
+                elif self.inbound.knows(head.conversation):
+                    # We have it all already: say so, or the server keeps repeating the Heads.
+                    self.inbound.ack_due.add(head.conversation)
         elif kind == schema.PING:
             self._write(codec.encode(packets.Pong(packet.nonce)))
         elif kind == schema.PONG:
@@ -321,14 +324,15 @@ class ClientCore:
         """Ask for what is missing behind buffered messages; place new conversations."""
         if self._syncing or self.state != READY:
             return
-        for conversation in self.inbound.gaps():
-            self._request_sync(conversation)
         released: list[Message] = []
         for conversation in self.inbound.unknown_waiting():
             # Created after our sync began: it starts at the beginning.
             released.extend(self.inbound.start(conversation, 0))
         if released:
             found.append(events.MessagesDelivered(tuple(released)))
+        # After placing new conversations, so a gap at the start of one is asked for too.
+        for conversation in self.inbound.gaps():
+            self._request_sync(conversation)
 
     # Output and time ---------------------------------------------------------------------------
 

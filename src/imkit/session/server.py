@@ -171,8 +171,19 @@ class ServerConnection:
         self._write(frame)
         return True
 
+    def announce_heads(self, heads: tuple[packets.Cursor, ...]) -> None:
+        """
+        Tell the client where conversations whose deliveries were held back now end, one Heads
+        frame per conversation.  Each stands in for messages the client was never sent, so it is
+        tracked and resent like a delivery until the client's cumulative ack reaches its head.
+        """
+        if self.state != READY:
+            return
+        for head in heads:
+            self._push(head.conversation, head.seq, codec.encode(packets.Heads((head,))))
+
     def send_packet(self, packet: Any) -> None:
-        """Write a reply that needs no tracking (sync results, heads)."""
+        """Write a reply that needs no tracking (sync results: the client retries a lost one)."""
         if self.state == READY:
             self._write(codec.encode(packet))
 

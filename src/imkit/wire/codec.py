@@ -288,7 +288,8 @@ def _slot_setters(cls: type) -> dict[str, Callable[[Any, Any], None]] | None:
     for klass in cls.__mro__[:-1]:
         if "__slots__" not in klass.__dict__:
             return None  # instances have a __dict__: not a plain slotted class
-        slots.update([klass.__dict__["__slots__"]] if isinstance(klass.__dict__["__slots__"], str) else klass.__dict__["__slots__"])
+        declared = klass.__dict__["__slots__"]
+        slots.update([declared] if isinstance(declared, str) else declared)
     if slots - {a.name for a in fields} - {"__weakref__"}:
         return None
     setters = {}

@@ -55,6 +55,7 @@ FLAG_RESEND = 0x01
 """Set on a frame that repeats an earlier one (a resend); informational, never required."""
 
 DEFAULT_MAX_FRAME = 1024 * 1024
+"""The largest frame (its ``length`` field) a receiver accepts unless configured otherwise."""
 
 CORE_KINDS = range(0x0001, 0x8000)
 EXTENSION_KINDS = range(0x8000, 0x10000)
@@ -203,13 +204,42 @@ BODIES = {
 }
 """Packet kind -> construct declaration of its body."""
 
+CLIENT_TO_SERVER = "client->server"
+SERVER_TO_CLIENT = "server->client"
+EITHER_WAY = "either way"
+
+DIRECTION = {
+    HELLO: CLIENT_TO_SERVER,
+    HELLO_OK: SERVER_TO_CLIENT,
+    LOGIN: CLIENT_TO_SERVER,
+    LOGIN_RESULT: SERVER_TO_CLIENT,
+    SEND: CLIENT_TO_SERVER,
+    SEND_ACK: SERVER_TO_CLIENT,
+    DELIVER: SERVER_TO_CLIENT,
+    DELIVER_ACK: CLIENT_TO_SERVER,
+    SYNC: CLIENT_TO_SERVER,
+    SYNC_RESULT: SERVER_TO_CLIENT,
+    BUNDLE: CLIENT_TO_SERVER,
+    DELIVER_BUNDLE: SERVER_TO_CLIENT,
+    HEADS: SERVER_TO_CLIENT,
+    PING: EITHER_WAY,
+    PONG: EITHER_WAY,
+    ERROR: SERVER_TO_CLIENT,
+    BYE: EITHER_WAY,
+}
+"""Packet kind -> which peer sends it (the sessions' tables of accepted kinds agree)."""
+
 # Field values with a fixed meaning.
 
 LOGIN_PASSWORD = 1
+"""``secret`` is the user's password, in UTF-8."""
 LOGIN_TOKEN = 2
+"""``secret`` is a resume token (reserved: a server may refuse it)."""
 
 TARGET_USER = 1
+"""``target`` is a user name: the message goes to the direct conversation with that user."""
 TARGET_CONVERSATION = 2
+"""``target`` is a conversation id."""
 
 SYNC_SERVER_CURSORS = 0x01
 """Conversations missing from ``cursors`` start at this device's server-side cursor, not at 0."""

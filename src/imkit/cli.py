@@ -1,0 +1,552 @@
+"""
+The ``imkit`` command: manage users, send messages, listen for them.
+
+Usage errors are one line naming the fix, with exit status 2; failures at run time (a refused
+login, a refused or unacknowledged message) are one line with exit status 1.  ``send`` and
+``listen`` print one JSON object per line on standard output, flushed as they happen, so scripts
+can read them as a stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import queue
+import sys
+import threading
+from collections import deque
+from typing import Any, Awaitable, Callable, NoReturn, Sequence
+
+from twisted.internet import defer
+from twisted.internet.task import react
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+
+from imkit.client import ClientSettings, IMClient, IMClientError, LoginFailed, Message, Receipt, SendTimeout
+from imkit.client.endpoint import development_ca, tls_endpoint
+from imkit.tls import TLSConfigError
+
+DEFAULT_STORE = "sqlite:imkit.sqlite3"
+DEFAULT_SERVER = "localhost:14000"
+MAX_IN_FLIGHT = 1000
+"""Messages ``imkit send`` keeps unacknowledged at most, so a huge input never sits in memory."""
+
+Job = Callable[[Any], Awaitable[None]]
+
+
+class UsageError(Exception):
+    """Arguments that cannot work; the message says what to write instead (exit status 2)."""
+
+
+class CommandFailed(Exception):
+    """The command ran but did not succeed; the message says why (exit status 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.prepare is None:
+        commands = "add or list" if args.prog == "imkit user" else "user, send or listen"
+        parser.exit(2, f"{args.prog}: name a command: {commands} (see {args.prog} --help)\n")
+    try:
+        job = args.prepare(args)
+    except (UsageError, ValueError) as error:
+        # ValueErrors here are the one-line ones of endpoint, TLS and store strings.
+        parser.exit(2, f"{args.prog}: {error}\n")
+    _start_logging(args.verbose)
+    react(_run, (job, args.prog))
+
+
+async def _run(reactor: Any, job: Job, prog: str) -> None:
+    try:
+        await job(reactor)
+    except (CommandFailed, IMClientError) as error:
+        sys.stdout.flush()
+        sys.stderr.write(f"{prog}: {error}\n")
+        raise SystemExit(1)
+
+
+def _start_logging(verbose: bool) -> None:
+    """Quiet by default: only bugs (critical events) reach standard error; --verbose shows progress."""
+    level = LogLevel.info if verbose else LogLevel.critical
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=level)])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+# Arguments ---------------------------------------------------------------------------------------
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="imkit", description="Manage imkit users, send messages and listen for them.")
+    parser.set_defaults(prepare=None, prog="imkit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log connections and retries on standard error")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    user = commands.add_parser("user", help="add or list users (safe while the server runs)")
+    user.set_defaults(prepare=None, prog="imkit user")
+    user_commands = user.add_subparsers(title="user commands", metavar="USER_COMMAND")
+    store_help = f"the server's store: sqlite:PATH or memory: (default {DEFAULT_STORE})"
+
+    add = user_commands.add_parser("add", help="add a user", description="Add a user; the password is stored as an argon2id hash.")
+    add.set_defaults(prepare=_prepare_user_add, prog="imkit user add")
+    add.add_argument("name", help="the new user's name (1-64 characters, no ':' or whitespace)")
+    add.add_argument("--store", default=DEFAULT_STORE, help=store_help)
+    source = add.add_mutually_exclusive_group()
+    source.add_argument("--password", help="the password (visible to other local users; prefer --password-file)")
+    source.add_argument("--password-file", metavar="FILE", help="read the password from the first line of FILE")
+
+    listing = user_commands.add_parser("list", help="list user names", description="Print every user name, one a line.")
+    listing.set_defaults(prepare=_prepare_user_list, prog="imkit user list")
+    listing.add_argument("--store", default=DEFAULT_STORE, help=store_help)
+
+    connection = _Parser(add_help=False)
+    connection.add_argument("--server", default=DEFAULT_SERVER, metavar="HOST:PORT", help=f"default {DEFAULT_SERVER}")
+    connection.add_argument("--ca", metavar="FILE", help="PEM file of the CA that signed the server's certificate (default: the development CA)")
+    connection.add_argument("--user", default=os.environ.get("IMKIT_USER"), help="user name (default $IMKIT_USER)")
+    connection.add_argument("--password", default=os.environ.get("IMKIT_PASSWORD"), help="password (default $IMKIT_PASSWORD, which is safer)")
+
+    send = commands.add_parser(
+        "send",
+        parents=[connection],
+        help="send messages",
+        description=(
+            "Send TEXT, or each line of standard input as one message (without its newline), pipelined. "
+            "Prints one JSON line per acknowledgement, in send order: "
+            '{"id": SERVER_ID, "conversation": ID, "seq": N}.  Exits 0 only when every message was acknowledged.'
+        ),
+    )
+    send.set_defaults(prepare=_prepare_send, prog="imkit send")
+    target = send.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", metavar="NAME", help="send to this user (their direct conversation with you)")
+    target.add_argument("--conversation", metavar="ID", help="send to this conversation")
+    send.add_argument("text", nargs="?", metavar="TEXT", help="the message (default: read lines from standard input)")
+    send.add_argument("--device", default="cli-send", help="device name (default cli-send)")
+    send.add_argument(
+        "--timeout", type=_positive_float, default=30.0, metavar="SECONDS", help="fail if a message is not acknowledged within this long (default 30)"
+    )
+
+    listen = commands.add_parser(
+        "listen",
+        parents=[connection],
+        help="print messages as they arrive",
+        description=(
+            "Print one JSON line per message of your conversations, in order, each once: "
+            '{"conversation", "seq", "id", "sender", "body", "sent_at"}.  Your own messages are '
+            "printed too (from every device: they are part of the conversation)."
+        ),
+    )
+    listen.set_defaults(prepare=_prepare_listen, prog="imkit listen")
+    listen.add_argument(
+        "--state",
+        metavar="FILE",
+        help="remember in FILE where this listener stopped, and continue from there (default: the server remembers per device)",
+    )
+    listen.add_argument("--count", type=_positive_int, metavar="N", help="exit after N messages")
+    listen.add_argument(
+        "--idle-exit", type=_positive_float, metavar="SECONDS", help="exit after SECONDS without a message (counted from the end of the catch-up)"
+    )
+    listen.add_argument("--device", default="cli-listen", help="device name (default cli-listen)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+# imkit user ------------------------------------------------------------------------------------
+
+
+def _valid_user_name(name: str) -> bool:
+    from imkit.server.hub import valid_name
+
+    return valid_name(name)
+
+
+def _open_store(description: str, reactor: Any) -> Any:
+    from imkit.store import store_from_string
+
+    return store_from_string(description, reactor)
+
+
+def read_new_password(args: argparse.Namespace, prompt: Callable[[str], str] = getpass.getpass) -> str:
+    """The new user's password: --password, the first line of --password-file, or asked twice."""
+    if args.password is not None:
+        password = args.password
+    elif args.password_file is not None:
+        try:
+            with open(args.password_file, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except OSError as error:
+            raise UsageError(f"cannot read --password-file {args.password_file}: {error.strerror or error}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--password-file {args.password_file} is not UTF-8 text") from None
+    else:
+        try:
+            password = prompt(f"Password for {args.name}: ")
+            if password and prompt("Repeat the password: ") != password:
+                raise UsageError("the passwords do not match; try again")
+        except (EOFError, KeyboardInterrupt):
+            raise UsageError("no password given; use --password-file FILE when not at a terminal") from None
+    if not password:
+        raise UsageError("the password is empty; give a non-empty one")
+    return password
+
+
+def _prepare_user_add(args: argparse.Namespace) -> Job:
+    if not _valid_user_name(args.name):
+        raise UsageError(f"{args.name!r} is not a valid user name: use 1-64 characters without ':' or whitespace")
+    from twisted.internet import reactor
+
+    store = _open_store(args.store, reactor)
+    password = read_new_password(args)
+
+    async def add_user(reactor: Any) -> None:
+        from imkit.passwords import Passwords
+        from imkit.store import UserExists
+
+        async with _opened(store):
+            password_hash = await Passwords().hash(password)
+            try:
+                await store.add_user(args.name, password_hash)
+            except UserExists:
+                raise CommandFailed(f"user {args.name!r} exists already in {store.description}; pick another name") from None
+        print(f"added user {args.name} to {store.description}")
+
+    return add_user
+
+
+def _prepare_user_list(args: argparse.Namespace) -> Job:
+    from twisted.internet import reactor
+
+    store = _open_store(args.store, reactor)
+
+    async def list_users(reactor: Any) -> None:
+        async with _opened(store):
+            names = await store.list_users()
+        for name in names:
+            print(name)
+
+    return list_users
+
+
+class _opened:
+    """``async with _opened(store)``: open it (one-line error if that fails), close it afterwards."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    async def __aenter__(self) -> Any:
+        try:
+            await self.store.open()
+        except Exception as error:
+            await self.store.close()
+            raise CommandFailed(f"cannot open the store {self.store.description}: {error}; check the --store path") from None
+        return self.store
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.store.close()
+
+
+# imkit send and imkit listen -------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace, settings: ClientSettings = ClientSettings(), state_path: str | None = None) -> IMClient:
+    if not args.user:
+        raise UsageError("no user name: pass --user NAME or set IMKIT_USER")
+    if not args.password:
+        raise UsageError("no password: set IMKIT_PASSWORD or pass --password")
+    from twisted.internet import reactor
+
+    try:
+        endpoint = tls_endpoint(reactor, args.server, args.ca or development_ca())
+    except TLSConfigError as error:
+        # imkit.tls names the server's option for the CA file; ours is --ca.
+        raise UsageError(str(error).replace("--tls-ca", "--ca")) from None
+    return IMClient(endpoint, args.user, args.password, args.device, settings=settings, state_path=state_path, reactor=reactor)
+
+
+def _prepare_send(args: argparse.Namespace) -> Job:
+    client = _client(args, ClientSettings(send_timeout=args.timeout))
+    text = args.text
+
+    async def send(reactor: Any) -> None:
+        if text is not None:
+            source = _OneLine(text.encode("utf-8", "surrogateescape"))
+        else:
+            source = LineReader(reactor, sys.stdin.fileno())
+        await send_all(reactor, client, source, to=args.to, conversation=args.conversation, out=sys.stdout)
+
+    return send
+
+
+class _OneLine:
+    def __init__(self, line: bytes) -> None:
+        self._lines: list[bytes] | None = [line]
+
+    async def next_lines(self) -> list[bytes] | None:
+        lines, self._lines = self._lines, None
+        return lines
+
+
+class LineReader:
+    """
+    Lines of a file descriptor (standard input), read on a thread of its own.
+
+    A daemon thread rather than the reactor's pool: a read blocked on a terminal must not keep the
+    process from exiting.  Each ``os.read`` returns what is there, so typed lines go out at once
+    and piped input in large chunks.
+    """
+
+    def __init__(self, reactor: Any, fd: int) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._requests: queue.SimpleQueue[defer.Deferred[bytes]] = queue.SimpleQueue()
+        self._partial = b""
+        self._ended = False
+        threading.Thread(target=self._serve, name="imkit-stdin", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            wanted = self._requests.get()
+            try:
+                data = os.read(self._fd, 65536)
+            except OSError as error:
+                self._reactor.callFromThread(_answer, wanted, CommandFailed(f"cannot read standard input: {error.strerror}"))
+                return
+            self._reactor.callFromThread(_answer, wanted, data)
+            if not data:
+                return
+
+    async def next_lines(self) -> list[bytes] | None:
+        """The next complete lines, without their newlines; None after the last one."""
+        while not self._ended:
+            wanted: defer.Deferred[bytes] = defer.Deferred()
+            self._requests.put(wanted)
+            data = await wanted
+            if not data:
+                self._ended = True
+                break
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            if lines:
+                return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+        if self._partial:
+            last, self._partial = self._partial, b""
+            return [last]
+        return None
+
+
+def _answer(wanted: defer.Deferred[bytes], outcome: bytes | Exception) -> None:
+    """Fire ``wanted``, unless the command stopped waiting for it (and cancelled it)."""
+    if wanted.called:
+        return
+    if isinstance(outcome, Exception):
+        wanted.errback(outcome)
+    else:
+        wanted.callback(outcome)
+
+
+async def send_all(
+    reactor: Any,
+    client: IMClient,
+    source: Any,
+    *,
+    to: str | None,
+    conversation: str | None,
+    out: Any,
+    max_in_flight: int = MAX_IN_FLIGHT,
+) -> None:
+    """
+    Send every line ``source.next_lines()`` gives, pipelined, at most ``max_in_flight``
+    unacknowledged; print one JSON line per acknowledgement, in send order.  Raises the first
+    failure (after stopping the client).
+    """
+    window: deque[_Outcome] = deque()
+    room = defer.DeferredSemaphore(max_in_flight)
+    failed: list[BaseException] = []
+    done: defer.Deferred[None] = defer.Deferred()
+    wake_reader: list[defer.Deferred[None]] = []
+    reading = True
+    logged_in: list[None] = []
+
+    def login_refused(failure: Any) -> None:
+        # Fails the command even while no message is waiting for the login.
+        if failure.check(LoginFailed) and not failed:
+            failed.append(failure.value)
+            settled(release=False)
+
+    client.loggedIn().addCallbacks(logged_in.append, login_refused)
+
+    def settled(_: Any = None, release: bool = True) -> None:
+        if release:
+            room.release()
+        while window and window[0].finished and not failed:
+            outcome = window.popleft()
+            if outcome.error is not None:
+                failed.append(outcome.error)
+                break
+            receipt = outcome.receipt
+            assert receipt is not None
+            out.write(json.dumps({"id": receipt.server_id, "conversation": receipt.conversation, "seq": receipt.seq}) + "\n")
+            out.flush()
+        if failed:
+            for wake in wake_reader:
+                if not wake.called:
+                    wake.callback(None)
+        if (failed or not (reading or window)) and not done.called:
+            done.callback(None)
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", client.stopService)
+    client.startService()
+    try:
+        while not failed:
+            # A failure ends the command even while the input is still open (a terminal, a pipe).
+            wake_reader[:] = [defer.Deferred()]
+            _, lines = await defer.race([defer.ensureDeferred(source.next_lines()), wake_reader[0]])
+            if lines is None:
+                break
+            for line in lines:
+                await room.acquire()
+                if failed:
+                    break
+                try:
+                    sent = client.send(to, line, conversation=conversation)
+                except ValueError as error:  # too large for a frame
+                    failed.append(CommandFailed(f"message {len(window) + 1} cannot be sent: {error}"))
+                    break
+                outcome = _Outcome()
+                window.append(outcome)
+                sent.addCallbacks(outcome.succeeded, outcome.failed)
+                sent.addCallback(settled)
+        reading = False
+        if not window and not done.called:
+            done.callback(None)
+        await done
+    finally:
+        reactor.removeSystemEventTrigger(trigger)
+        await client.stopService()
+    if failed:
+        error = failed[0]
+        if isinstance(error, SendTimeout) and not logged_in:
+            raise CommandFailed(
+                f"could not log in within {error.timeout:g} seconds; is the server running, and is --server right?"
+            )
+        raise error
+
+
+class _Outcome:
+    """What became of one send, kept until the acknowledgements before it have been printed."""
+
+    def __init__(self) -> None:
+        self.finished = False
+        self.receipt: Receipt | None = None
+        self.error: BaseException | None = None
+
+    def succeeded(self, receipt: Receipt) -> None:
+        self.finished = True
+        self.receipt = receipt
+
+    def failed(self, failure: Any) -> None:
+        self.finished = True
+        self.error = failure.value
+
+
+def _prepare_listen(args: argparse.Namespace) -> Job:
+    client = _client(args, state_path=args.state)
+
+    async def listen(reactor: Any) -> None:
+        await listen_until(reactor, client, sys.stdout, count=args.count, idle_exit=args.idle_exit)
+
+    return listen
+
+
+def message_json(message: Message) -> str:
+    return json.dumps(
+        {
+            "conversation": message.conversation,
+            "seq": message.seq,
+            "id": message.server_id,
+            "sender": message.sender,
+            "body": message.body.decode("utf-8", errors="replace"),
+            "sent_at": message.sent_at,
+        }
+    )
+
+
+async def listen_until(reactor: Any, client: IMClient, out: Any, *, count: int | None = None, idle_exit: float | None = None) -> None:
+    """Print every message until ``count`` were printed, ``idle_exit`` seconds passed without one, or the login fails."""
+    finished: defer.Deferred[None] = defer.Deferred()
+    stopping: list[defer.Deferred[None]] = []
+    idle: list[Any] = []
+    printed = 0
+
+    def finish(outcome: Any = None) -> None:
+        if finished.called:
+            return
+        for call in idle:
+            if call.active():
+                call.cancel()
+        # Stop at once, from inside the hand-off: messages after this one are not taken (and are
+        # not saved as taken), so a restarted listener prints them.
+        stopping.append(client.stopService())
+        finished.callback(outcome)
+
+    def show(message: Message) -> None:
+        nonlocal printed
+        if finished.called:
+            return
+        out.write(message_json(message) + "\n")
+        out.flush()
+        printed += 1
+        if count is not None and printed >= count:
+            finish()
+        elif idle:
+            idle[0].reset(idle_exit)
+
+    def caught_up(_: Any) -> None:
+        if idle_exit is not None and not finished.called:
+            idle.append(reactor.callLater(idle_exit, finish))
+
+    client.on_message(show)
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", client.stopService)
+    client.startService()
+    client.loggedIn().addErrback(finish)
+    client.caughtUp().addCallbacks(caught_up, lambda _: None)
+    try:
+        outcome = await finished
+    finally:
+        reactor.removeSystemEventTrigger(trigger)
+    await stopping[0]
+    if outcome is not None:
+        outcome.raiseException()
+
+
+if __name__ == "__main__":
+    main()

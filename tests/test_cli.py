@@ -1,0 +1,415 @@
+"""
+The imkit command line: one-line usage errors, the user commands on a real SQLite store, where a
+new password comes from, and how send and listen print what the client library tells them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+import test_client_protocol as fakes
+from imkit import cli
+from imkit.client import ClientSettings, IMClient, LoginFailed
+from imkit.passwords import Passwords
+from imkit.store import SQLiteStore
+from imkit.wire import packets
+from imkit.wire.errors import ErrorCode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ScratchDirectory:
+    def scratch(self) -> str:
+        if not hasattr(self, "_scratch"):
+            self._scratch = tempfile.mkdtemp(prefix="imkit-cli-")
+            self.addCleanup(shutil.rmtree, self._scratch, True)
+        return self._scratch
+
+
+class UsageErrorTests(ScratchDirectory, SynchronousTestCase):
+    def setUp(self) -> None:
+        for name in ("IMKIT_USER", "IMKIT_PASSWORD"):
+            if name in os.environ:
+                self.patch(os, "environ", {k: v for k, v in os.environ.items() if k not in ("IMKIT_USER", "IMKIT_PASSWORD")})
+                break
+
+    def usage_error(self, *argv: str) -> str:
+        """Run ``imkit ARGV``; it must exit 2 with exactly one line on standard error."""
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        self.patch(sys, "stdout", io.StringIO())
+        with self.assertRaises(SystemExit) as caught:
+            cli.main(list(argv))
+        self.assertEqual(caught.exception.code, 2)
+        lines = stderr.getvalue().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertNotIn("Traceback", lines[0])
+        return lines[0]
+
+    def test_no_command(self) -> None:
+        self.assertEqual(self.usage_error(), "imkit: name a command: user, send or listen (see imkit --help)")
+        self.assertEqual(self.usage_error("user"), "imkit user: name a command: add or list (see imkit user --help)")
+
+    def test_unknown_option(self) -> None:
+        self.assertIn("--frobnicate", self.usage_error("listen", "--frobnicate"))
+
+    def test_send_needs_exactly_one_target(self) -> None:
+        self.assertIn("--to --conversation is required", self.usage_error("send", "hi"))
+        self.assertIn("not allowed with", self.usage_error("send", "--to", "bob", "--conversation", "c", "hi"))
+
+    def test_numbers_must_be_positive(self) -> None:
+        self.assertIn("'0' is not a positive number", self.usage_error("listen", "--count", "0"))
+        self.assertIn("'-1' is not a positive number of seconds", self.usage_error("listen", "--idle-exit", "-1"))
+        self.assertIn("'soon' is not a number of seconds", self.usage_error("send", "--to", "b", "--timeout", "soon"))
+
+    def test_user_and_password_are_required(self) -> None:
+        self.assertEqual(self.usage_error("send", "--to", "bob", "hi"), "imkit send: no user name: pass --user NAME or set IMKIT_USER")
+        self.assertEqual(
+            self.usage_error("listen", "--user", "bob"), "imkit listen: no password: set IMKIT_PASSWORD or pass --password"
+        )
+
+    def test_bad_server_address(self) -> None:
+        line = self.usage_error("send", "--to", "bob", "--user", "a", "--password", "p", "--server", "localhost", "hi")
+        self.assertIn("use HOST:PORT", line)
+
+    def test_unusable_ca_file_names_our_option(self) -> None:
+        missing = os.path.join(self.scratch(), "missing.pem")
+        line = self.usage_error("listen", "--user", "a", "--password", "p", "--ca", missing)
+        self.assertIn(f"--ca {missing}", line)
+        self.assertNotIn("--tls-ca", line)
+
+    def test_bad_store_string(self) -> None:
+        self.assertEqual(
+            self.usage_error("user", "list", "--store", "postgres:db"),
+            "imkit user list: unknown store 'postgres:db': use sqlite:PATH or memory:",
+        )
+        self.assertIn("use sqlite:PATH", self.usage_error("user", "add", "bob", "--password", "p", "--store", "sqlite:"))
+
+    def test_bad_user_name(self) -> None:
+        self.assertIn("not a valid user name", self.usage_error("user", "add", "a:b", "--password", "p", "--store", "memory:"))
+
+    def test_one_password_source(self) -> None:
+        self.assertIn("not allowed with", self.usage_error("user", "add", "bob", "--password", "p", "--password-file", "f"))
+
+
+class PasswordInputTests(ScratchDirectory, SynchronousTestCase):
+    def args(self, *argv: str) -> Any:
+        return cli._build_parser().parse_args(["user", "add", "bob", *argv])
+
+    def prompter(self, *answers: str) -> Any:
+        asked: list[str] = []
+        replies = list(answers)
+
+        def prompt(question: str) -> str:
+            asked.append(question)
+            reply = replies.pop(0)
+            if isinstance(reply, BaseException):
+                raise reply
+            return reply
+
+        prompt.asked = asked  # type: ignore[attr-defined]
+        return prompt
+
+    def test_from_the_option(self) -> None:
+        self.assertEqual(cli.read_new_password(self.args("--password", "s3cret")), "s3cret")
+
+    def test_from_the_first_line_of_a_file(self) -> None:
+        path = os.path.join(self.scratch(), "password")
+        with open(path, "w", newline="") as f:
+            f.write("pässwort\r\nsecond line\n")
+        self.assertEqual(cli.read_new_password(self.args("--password-file", path)), "pässwort")
+
+    def test_unreadable_or_empty_file(self) -> None:
+        missing = os.path.join(self.scratch(), "missing")
+        with self.assertRaises(cli.UsageError) as caught:
+            cli.read_new_password(self.args("--password-file", missing))
+        self.assertIn(f"cannot read --password-file {missing}", str(caught.exception))
+        empty = os.path.join(self.scratch(), "empty")
+        open(empty, "w").close()
+        self.assertRaises(cli.UsageError, cli.read_new_password, self.args("--password-file", empty))
+
+    def test_prompted_twice(self) -> None:
+        prompt = self.prompter("hunter2", "hunter2")
+        self.assertEqual(cli.read_new_password(self.args(), prompt), "hunter2")
+        self.assertEqual(prompt.asked, ["Password for bob: ", "Repeat the password: "])
+
+    def test_prompted_passwords_must_match(self) -> None:
+        with self.assertRaises(cli.UsageError) as caught:
+            cli.read_new_password(self.args(), self.prompter("hunter2", "hunter3"))
+        self.assertIn("do not match", str(caught.exception))
+
+    def test_empty_or_no_answer(self) -> None:
+        self.assertRaises(cli.UsageError, cli.read_new_password, self.args(), self.prompter(""))
+        with self.assertRaises(cli.UsageError) as caught:
+            cli.read_new_password(self.args(), self.prompter(EOFError()))
+        self.assertIn("--password-file", str(caught.exception))
+
+
+class UserCommandTests(ScratchDirectory, TestCase):
+    """`imkit user add` and `imkit user list` on a SQLite file, run in this process's reactor."""
+
+    def store_string(self) -> str:
+        return "sqlite:" + os.path.join(self.scratch(), "imkit.sqlite3")
+
+    async def run_command(self, *argv: str) -> str:
+        args = cli._build_parser().parse_args(list(argv))
+        job = args.prepare(args)
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        try:
+            await job(None)
+        finally:
+            self.patch(sys, "stdout", sys.__stdout__)
+        return out.getvalue()
+
+    @defer.inlineCallbacks
+    def test_add_then_list(self) -> Any:
+        store = self.store_string()
+        output = yield defer.ensureDeferred(self.run_command("user", "add", "bob", "--password", "bob-pw", "--store", store))
+        self.assertEqual(output, f"added user bob to {store}\n")
+        yield defer.ensureDeferred(self.run_command("user", "add", "alice", "--password", "alice-pw", "--store", store))
+        output = yield defer.ensureDeferred(self.run_command("user", "list", "--store", store))
+        self.assertEqual(output, "alice\nbob\n")
+        sqlite = SQLiteStore(store[len("sqlite:") :])
+        yield sqlite.open()
+        try:
+            password_hash = yield sqlite.password_hash("bob")
+        finally:
+            yield sqlite.close()
+        self.assertTrue(password_hash.startswith("$argon2id$"))
+        self.assertTrue((yield Passwords().verify(password_hash, "bob-pw")))
+
+    @defer.inlineCallbacks
+    def test_add_an_existing_user(self) -> Any:
+        store = self.store_string()
+        yield defer.ensureDeferred(self.run_command("user", "add", "bob", "--password", "x", "--store", store))
+        with self.assertRaises(cli.CommandFailed) as caught:
+            yield defer.ensureDeferred(self.run_command("user", "add", "bob", "--password", "y", "--store", store))
+        self.assertIn("user 'bob' exists already", str(caught.exception))
+
+    @defer.inlineCallbacks
+    def test_store_that_cannot_be_opened(self) -> Any:
+        store = "sqlite:" + os.path.join(self.scratch(), "no", "such", "directory", "imkit.sqlite3")
+        with self.assertRaises(cli.CommandFailed) as caught:
+            yield defer.ensureDeferred(self.run_command("user", "list", "--store", store))
+        self.assertIn("cannot open the store", str(caught.exception))
+        self.flushLoggedErrors()
+
+
+class MainProcessTests(ScratchDirectory, SynchronousTestCase):
+    """The console script end to end, in a child process (react() exits the process)."""
+
+    def imkit(self, *argv: str, stdin: str = "") -> subprocess.CompletedProcess:
+        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+        return subprocess.run(
+            [sys.executable, "-c", "from imkit.cli import main; main()", *argv],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=self.scratch(),
+            env=env,
+            timeout=120,
+        )
+
+    def test_user_add_list_and_exit_statuses(self) -> None:
+        store = "sqlite:" + os.path.join(self.scratch(), "users.sqlite3")
+        password_file = os.path.join(self.scratch(), "pw")
+        with open(password_file, "w") as f:
+            f.write("carol-pw\n")
+        added = self.imkit("user", "add", "carol", "--password-file", password_file, "--store", store)
+        self.assertEqual((added.returncode, added.stderr), (0, ""))
+        again = self.imkit("user", "add", "carol", "--password", "x", "--store", store)
+        self.assertEqual(again.returncode, 1)
+        self.assertEqual(again.stderr.splitlines(), [f"imkit user add: user 'carol' exists already in {store}; pick another name"])
+        listed = self.imkit("user", "list", "--store", store)
+        self.assertEqual((listed.returncode, listed.stdout), (0, "carol\n"))
+
+    def test_default_store_is_in_the_working_directory(self) -> None:
+        self.assertEqual(self.imkit("user", "add", "dave", "--password", "d").returncode, 0)
+        self.assertTrue(os.path.exists(os.path.join(self.scratch(), "imkit.sqlite3")))
+
+
+# send and listen over the scripted server of test_client_protocol --------------------------------
+
+
+class CommandReactor(fakes.FakeReactor):
+    """A FakeReactor with the system event triggers the commands register for Ctrl-C."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: dict[int, Any] = {}
+
+    def addSystemEventTrigger(self, phase: str, event: str, function: Any, *args: Any) -> int:
+        handle = len(self.triggers) + 1
+        self.triggers[handle] = (phase, event, function)
+        return handle
+
+    def removeSystemEventTrigger(self, handle: int) -> None:
+        del self.triggers[handle]
+
+
+class Lines:
+    """A line source whose lines the test hands out in chunks."""
+
+    def __init__(self) -> None:
+        self.waiting: defer.Deferred | None = None
+
+    async def next_lines(self) -> list[bytes] | None:
+        self.waiting = defer.Deferred()
+        return await self.waiting
+
+    def give(self, lines: list[bytes] | None) -> None:
+        waiting, self.waiting = self.waiting, None
+        assert waiting is not None
+        waiting.callback(lines)
+
+
+class SendAndListenTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = CommandReactor()
+        self.endpoint = fakes.ScriptedEndpoint(self.reactor)
+        self.out = io.StringIO()
+
+    def client(self, **kwargs: Any) -> IMClient:
+        return IMClient(
+            self.endpoint, "alice", "pw", "cli", reactor=self.reactor, rng=random.Random(1), settings=ClientSettings(resend_jitter=0), **kwargs
+        )
+
+    def close_links(self) -> None:
+        for link in self.endpoint.links:
+            if link.transport.disconnecting:
+                link.close()
+
+    def printed(self) -> list[Any]:
+        return [json.loads(line) for line in self.out.getvalue().splitlines()]
+
+    def ack(self, link: fakes.Link, send: packets.Send, seq: int) -> None:
+        link.server.ack(packets.SendAck(send.client_msg_id, 0, 100 + seq, seq, 0, 1, "dm:alice:bob", ""))
+
+    def test_send_is_pipelined_bounded_and_printed_in_order(self) -> None:
+        client = self.client()
+        lines = Lines()
+        done = defer.ensureDeferred(cli.send_all(self.reactor, client, lines, to="bob", conversation=None, out=self.out, max_in_flight=2))
+        link = self.endpoint.link
+        link.catch_up()
+        lines.give([b"one", b"two", b"three"])
+        self.reactor.advance(0)
+        link.pull()
+        first, second = link.packets_of(packets.Send)  # at most two unacknowledged
+        self.ack(link, second, 2)
+        link.push()
+        self.assertEqual(self.out.getvalue(), "")  # the second is printed after the first
+        self.reactor.advance(0)
+        link.pull()
+        third = link.packets_of(packets.Send)[2]  # the second's ack made room for the third
+        self.assertEqual(third.body, b"three")
+        self.ack(link, first, 1)
+        link.push()
+        self.assertEqual(self.printed(), [{"id": 101, "conversation": "dm:alice:bob", "seq": 1}, {"id": 102, "conversation": "dm:alice:bob", "seq": 2}])
+        lines.give(None)
+        self.ack(link, third, 3)
+        link.push()
+        self.close_links()
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual([line["seq"] for line in self.printed()], [1, 2, 3])
+        self.assertEqual(self.reactor.triggers, {})
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_send_stops_at_the_first_refusal(self) -> None:
+        client = self.client()
+        lines = Lines()
+        done = defer.ensureDeferred(cli.send_all(self.reactor, client, lines, to="bob", conversation=None, out=self.out))
+        link = self.endpoint.link
+        link.catch_up()
+        lines.give([b"one", b"two"])
+        self.reactor.advance(0)
+        link.pull()
+        first, second = link.packets_of(packets.Send)
+        link.server.ack(packets.SendAck(first.client_msg_id, ErrorCode.TOO_LARGE, 0, 0, 0, 0, "", "too big"))
+        link.push()
+        self.close_links()
+        self.assertEqual(self.failureResultOf(done).value.code, ErrorCode.TOO_LARGE)
+        self.assertEqual(self.out.getvalue(), "")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_send_with_a_wrong_password(self) -> None:
+        client = self.client()
+        lines = Lines()
+        done = defer.ensureDeferred(cli.send_all(self.reactor, client, lines, to="bob", conversation=None, out=self.out))
+        lines.give([b"one"])
+        link = self.endpoint.link
+        link.pull()
+        link.push()
+        link.pull()
+        link.server.reject_login(ErrorCode.AUTH_FAILED, "wrong user name or password")
+        link.push()
+        self.close_links()
+        self.assertEqual(self.failureResultOf(done, LoginFailed).value.code, ErrorCode.AUTH_FAILED)
+
+    def test_send_timeout_before_any_login(self) -> None:
+        self.endpoint.refuse = True
+        client = IMClient(self.endpoint, "alice", "pw", reactor=self.reactor, settings=ClientSettings(send_timeout=5.0))
+        done = defer.ensureDeferred(cli.send_all(self.reactor, client, cli._OneLine(b"hi"), to="bob", conversation=None, out=self.out))
+        self.reactor.advance(5.0)
+        error = self.failureResultOf(done, cli.CommandFailed).value
+        self.assertIn("could not log in within 5 seconds", str(error))
+
+    def test_listen_prints_json_and_stops_after_count(self) -> None:
+        client = self.client()
+        done = defer.ensureDeferred(cli.listen_until(self.reactor, client, self.out, count=2))
+        link = self.endpoint.link
+        own = fakes.message("dm:alice:bob", 2, body="müde".encode(), sender="alice")
+        link.catch_up(
+            ranges=(packets.Range("dm:alice:bob", 0, 3),),
+            messages=(fakes.message("dm:alice:bob", 1, body=b"\xff"), own, fakes.message("dm:alice:bob", 3)),
+        )
+        self.close_links()
+        self.successResultOf(done)
+        self.assertEqual(
+            self.printed(),
+            [
+                {"conversation": "dm:alice:bob", "seq": 1, "id": 1001, "sender": "bob", "body": "\ufffd", "sent_at": 1700000000001},
+                {"conversation": "dm:alice:bob", "seq": 2, "id": 1002, "sender": "alice", "body": "müde", "sent_at": 1700000000002},
+            ],
+        )
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_listen_idle_exit_counts_from_the_catch_up(self) -> None:
+        client = self.client()
+        done = defer.ensureDeferred(cli.listen_until(self.reactor, client, self.out, idle_exit=5.0))
+        link = self.endpoint.link
+        self.reactor.advance(10)  # not counted: the catch-up has not even begun
+        request = link.login()
+        self.assertNoResult(done)
+        link.push(packets.SyncResult(request.packet.request_id, False, (packets.Range("c", 0, 0),), ()))
+        self.reactor.advance(4)
+        link.push(packets.Deliver(fakes.message("c", 1)))
+        self.reactor.advance(4)
+        self.assertNoResult(done)
+        self.reactor.advance(1)
+        self.close_links()
+        self.successResultOf(done)
+        self.assertEqual([line["seq"] for line in self.printed()], [1])
+
+    def test_listen_with_a_wrong_password(self) -> None:
+        client = self.client()
+        done = defer.ensureDeferred(cli.listen_until(self.reactor, client, self.out))
+        link = self.endpoint.link
+        link.pull()
+        link.push()
+        link.pull()
+        link.server.reject_login(ErrorCode.AUTH_FAILED, "wrong user name or password")
+        link.push()
+        self.close_links()
+        self.failureResultOf(done, LoginFailed)
