@@ -14,7 +14,9 @@ generated
 hand/objects
     A careful hand-written ``struct`` codec for the same four packets (below), producing and
     consuming the same packet objects and doing the same checks (lengths, strict UTF-8, no
-    trailing bytes): the fair baseline.  The generated codec should be close to it.
+    trailing bytes): the fair baseline.  The generated codec should be close to it; its decoders
+    fill the frozen objects' slots directly instead of calling the class (``codec._slot_setters``),
+    so they can even beat it.
 hand/tuples
     The same, with plain tuples instead of packet objects: how much of the cost is building objects.
 construct

@@ -206,8 +206,14 @@ def first_of(kind: int, device: str, direction: str, action: str = DROP, count: 
 
 @attrs.define
 class AppLog:
-    """Everything one device's application was told, in order."""
+    """
+    Everything one run of a device's application was told, in order.
 
+    ``starts`` is where this run resumed each conversation (the positions it was restarted with,
+    or the server's cursors); it should get each conversation from there on.
+    """
+
+    starts: dict[str, int] = attrs.Factory(dict)
     batches: list[tuple[Message, ...]] = attrs.Factory(list)
     acks: dict[int, Any] = attrs.Factory(dict)
     problems: list[str] = attrs.Factory(list)
@@ -221,7 +227,7 @@ class AppLog:
 
     def positions(self) -> dict[str, int]:
         """What an application would save: the last sequence it processed per conversation."""
-        saved: dict[str, int] = {}
+        saved = dict(self.starts)
         for m in self.messages():
             saved[m.conversation] = max(saved.get(m.conversation, 0), m.seq)
         return saved
@@ -282,13 +288,26 @@ class Device:
         self.user = user
         self.name = name
         self.label = f"{user}/{name}"
-        self.app = AppLog()
+        self.apps = [AppLog()]
+        """One log per run of the application (``World.restart_device`` starts another)."""
         self.link: Link | None = None
         self.online = False
         """Whether the application wants to be connected (it reconnects while this is true)."""
         self.frames = {UP: 0, DOWN: 0}
         self.connections = 0
         self.client = self._new_client(delivered)
+
+    @property
+    def app(self) -> AppLog:
+        """The log of the application's current run."""
+        return self.apps[-1]
+
+    def acked(self, client_msg_id: int) -> Any:
+        """The ack of a send made by any run of the application, or None."""
+        for app in self.apps:
+            if client_msg_id in app.acks:
+                return app.acks[client_msg_id]
+        return None
 
     def _new_client(self, delivered: dict[str, int] | None) -> ClientCore:
         return ClientCore(
@@ -564,7 +583,8 @@ class World:
 
     def restart_device(self, label: str, delivered: dict[str, int] | None) -> None:
         """
-        The application process dies and starts again with the positions it saved (``delivered``).
+        The application process dies and starts again with the positions it saved (``delivered``),
+        or with none (None: it resumes at the server's cursors for the device).
 
         Its ClientCore, with the unacknowledged sends in it, is gone; if the application is
         online, the new one connects after ``reconnect_delay``.
@@ -574,8 +594,13 @@ class World:
         if device.link is not None:
             self.reset(device.link)
         for sent in self.sent:
-            if sent.device == label and sent.client_msg_id not in device.app.acks:
+            if sent.device == label and device.acked(sent.client_msg_id) is None:
                 self.abandoned.add((label, sent.client_msg_id))
+        if delivered is None:
+            starts = _fired(self.store.cursors(device.user, device.name))
+        else:
+            starts = dict(delivered)
+        device.apps.append(AppLog(starts=starts))
         device.connections += 1
         device.client = device._new_client(delivered)
         # Resetting the link scheduled a reconnect, which dials with the new client.
@@ -781,9 +806,11 @@ class World:
 
         1. an acknowledged message is missing from a device of a member of its conversation (the
            sending device included: it sees its own messages through the ack);
-        2. a device's application got a message twice;
+        2. a run of a device's application got a message twice;
         3. a device's application did not get its conversation as exactly seq 1..N in order, each
-           message identical to the stored one (so every reader sees the same order);
+           message identical to the stored one (so every reader sees the same order).  A restarted
+           application gets it from where it resumed (``AppLog.starts``) on; a run that ended got
+           a gap-free part of it from there;
         4. a bundle was split across deliveries or interleaved with other messages;
         5. a send was not acknowledged (or was rejected, or expired);
         6. a server id names two different messages, or an ack disagrees with what was stored;
@@ -810,7 +837,7 @@ class World:
         acked: dict[tuple[str, int], Message] = {}
         for sent in self.sent:
             device = self.devices[sent.device]
-            ack = device.app.acks.get(sent.client_msg_id)
+            ack = device.acked(sent.client_msg_id)
             if ack is None:
                 if (sent.device, sent.client_msg_id) not in self.abandoned:
                     problems.append(f"(5) {sent.device} never got an ack for send {sent.client_msg_id} made at {sent.at - EPOCH:.3f}")
@@ -839,56 +866,79 @@ class World:
                     problems.append(f"(6) stored {m} comes from no send (or several)")
 
         for device in self.devices.values():
-            app = device.app
-            problems.extend(app.problems)
-            for code, reason in app.login_rejections:
-                if code == 10:  # AUTH_FAILED: the password is right, so this is a bug
-                    problems.append(f"{device.label}: login rejected: {reason}")
-            got: dict[str, list[Message]] = {}
-            for m in app.messages():
-                got.setdefault(m.conversation, []).append(m)
-                if by_server_id.get(m.server_id) != m:
-                    problems.append(f"(6) {device.label} got {m}, stored as {by_server_id.get(m.server_id)}")
-            for conversation, messages in stored.items():
-                mine = got.pop(conversation, [])
-                if device.user not in members[conversation]:
-                    if mine:
-                        problems.append(f"{device.label} got messages of {conversation}, not its conversation")
-                    continue
-                seqs = [m.seq for m in mine]
-                twice = sorted(seq for seq, n in Counter(seqs).items() if n > 1)
-                if twice:
-                    problems.append(f"(2) {device.label} got {conversation} seqs {twice} more than once")
-                missing = sorted(set(range(1, len(messages) + 1)) - set(seqs))
-                lost = [seq for seq in missing if (conversation, seq) in acked]
-                if lost:
-                    problems.append(f"(1) {device.label} never got acknowledged {conversation} seqs {lost}")
-                if missing and not lost:
-                    problems.append(f"(3) {device.label} never got {conversation} seqs {missing}")
-                if not twice and not missing and seqs != sorted(seqs):
-                    problems.append(f"(3) {device.label} got {conversation} in the order {seqs}")
-                if not twice and not missing and mine != messages:
-                    problems.append(f"(3) {device.label} got {conversation} messages that differ from the store")
-            for conversation in got:
-                problems.append(f"{device.label} got messages of {conversation}, which the store does not have")
-            problems.extend(self._split_bundles(device, stored))
+            seen: set[tuple[str, int]] = set()
+            for number, app in enumerate(device.apps):
+                final = number == len(device.apps) - 1
+                who = device.label if len(device.apps) == 1 else f"{device.label} (run {number + 1})"
+                problems.extend(self._check_run(who, device.user, app, final, stored, members, acked, by_server_id))
+                seen.update((m.conversation, m.seq) for m in app.messages())
+            lost = sorted(key for key in acked if key not in seen and device.user in members[key[0]])
+            if lost:
+                problems.append(f"(1) {device.label} never got acknowledged messages {lost}")
         problems.extend(f"hub failure: {f}" for f in self.server_failures)
         return problems
 
-    def _split_bundles(self, device: Device, stored: dict[str, list[Message]]) -> list[str]:
+    def _check_run(
+        self,
+        who: str,
+        user: str,
+        app: AppLog,
+        final: bool,
+        stored: dict[str, list[Message]],
+        members: dict[str, tuple[str, ...]],
+        acked: dict[tuple[str, int], Message],
+        by_server_id: dict[int, Message],
+    ) -> list[str]:
+        """Checks 2, 3, 4 and 6 for one run of one device's application."""
+        problems = list(app.problems)
+        for code, reason in app.login_rejections:
+            if code == 10:  # AUTH_FAILED: the password is right, so this is a bug
+                problems.append(f"{who}: login rejected: {reason}")
+        got: dict[str, list[Message]] = {}
+        for m in app.messages():
+            got.setdefault(m.conversation, []).append(m)
+            if by_server_id.get(m.server_id) != m:
+                problems.append(f"(6) {who} got {m}, stored as {by_server_id.get(m.server_id)}")
+        for conversation, messages in stored.items():
+            mine = got.pop(conversation, [])
+            if user not in members[conversation]:
+                if mine:
+                    problems.append(f"{who} got messages of {conversation}, not its conversation")
+                continue
+            start = app.starts.get(conversation, 0)
+            seqs = [m.seq for m in mine]
+            twice = sorted(seq for seq, n in Counter(seqs).items() if n > 1)
+            if twice:
+                problems.append(f"(2) {who} got {conversation} seqs {twice} more than once")
+                continue
+            expected = messages[start:] if final else messages[start : start + len(mine)]
+            missing = sorted({m.seq for m in expected} - set(seqs))
+            lost = [seq for seq in missing if (conversation, seq) in acked]
+            if lost:
+                problems.append(f"(1) {who} never got acknowledged {conversation} seqs {lost}")
+            elif missing:
+                problems.append(f"(3) {who} never got {conversation} seqs {missing} (it resumed after {start})")
+            elif mine != expected:
+                problems.append(f"(3) {who} got {conversation} as seqs {seqs}, not {[m.seq for m in expected]}")
+        for conversation in got:
+            problems.append(f"{who} got messages of {conversation}, which the store does not have")
+        problems.extend(self._split_bundles(who, app, stored))
+        return problems
+
+    def _split_bundles(self, who: str, app: AppLog, stored: dict[str, list[Message]]) -> list[str]:
         """(4) Each bundle arrives whole, in one delivery, its messages consecutive."""
         problems = []
-        for number, batch in enumerate(device.app.batches):
+        for number, batch in enumerate(app.batches):
             for index, m in enumerate(batch):
                 history = stored.get(m.conversation, [])
                 before = history[m.seq - 2] if 2 <= m.seq <= len(history) + 1 else None
                 if before is not None and before.bundle_remaining:
                     # m continues a bundle: its predecessor must come right before it, in this batch.
                     if index == 0 or batch[index - 1] != before:
-                        problems.append(f"(4) {device.label} got {m.conversation} seq {m.seq} apart from the rest of its bundle (delivery {number})")
+                        problems.append(f"(4) {who} got {m.conversation} seq {m.seq} apart from the rest of its bundle (delivery {number})")
                 if m.bundle_remaining:
                     if index + 1 >= len(batch) or batch[index + 1].conversation != m.conversation or batch[index + 1].seq != m.seq + 1:
-                        problems.append(f"(4) {device.label} got {m.conversation} seq {m.seq} without the rest of its bundle (delivery {number})")
+                        problems.append(f"(4) {who} got {m.conversation} seq {m.seq} without the rest of its bundle (delivery {number})")
         return problems
 
     def frames(self, label: str, direction: str, kind: int) -> list[Trace]:

@@ -207,6 +207,26 @@ class UserCommandTests(ScratchDirectory, TestCase):
         self.flushLoggedErrors()
 
 
+class LineReaderTests(TestCase):
+    @defer.inlineCallbacks
+    def test_lines_without_their_newlines(self) -> Any:
+        """Every line is one message: LF and CRLF are dropped, a last line without a newline counts."""
+        from twisted.internet import reactor
+
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        os.write(write_end, b"one\ntwo\r\n\nthree")
+        os.close(write_end)
+        reader = cli.LineReader(reactor, read_end)
+        lines: list[bytes] = []
+        while True:
+            chunk = yield defer.ensureDeferred(reader.next_lines())
+            if chunk is None:
+                break
+            lines.extend(chunk)
+        self.assertEqual(lines, [b"one", b"two", b"", b"three"])
+
+
 class MainProcessTests(ScratchDirectory, SynchronousTestCase):
     """The console script end to end, in a child process (react() exits the process)."""
 
@@ -234,6 +254,16 @@ class MainProcessTests(ScratchDirectory, SynchronousTestCase):
         self.assertEqual(again.stderr.splitlines(), [f"imkit user add: user 'carol' exists already in {store}; pick another name"])
         listed = self.imkit("user", "list", "--store", store)
         self.assertEqual((listed.returncode, listed.stdout), (0, "carol\n"))
+
+    def test_examples_show_their_help(self) -> None:
+        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+        for example in ("echo_bot.py", "two_bots.py"):
+            shown = subprocess.run(
+                [sys.executable, os.path.join(ROOT, "examples", example), "--help"],
+                capture_output=True, text=True, cwd=self.scratch(), env=env, timeout=120,
+            )
+            self.assertEqual((shown.returncode, shown.stderr), (0, ""), example)
+            self.assertIn("--server HOST:PORT", shown.stdout)
 
     def test_default_store_is_in_the_working_directory(self) -> None:
         self.assertEqual(self.imkit("user", "add", "dave", "--password", "d").returncode, 0)

@@ -105,8 +105,11 @@ class Storm:
     """(at, device, silent?)."""
     restarts: tuple[tuple[float, float], ...] = ()
     """(at, downtime)."""
-    crashes: tuple[tuple[float, int], ...] = ()
-    """(at, device): the application dies and restarts at once with the positions it saved."""
+    crashes: tuple[tuple[float, int, bool], ...] = ()
+    """
+    (at, device, saved?): the application dies and restarts, with the positions it saved or with
+    none (then it resumes at the server's cursors for the device).
+    """
     max_unacked: int = 10_000
     """Deliveries in flight per connection (2 makes the server fall back to Heads and sync)."""
     sync_page: int = 500
@@ -165,7 +168,7 @@ def storms(draw, frame_level: bool = True, connection_level: bool = True) -> Sto
             storm,
             cuts=tuple(draw(st.lists(cuts, max_size=3))),
             restarts=tuple(draw(st.lists(restarts, max_size=2))),
-            crashes=tuple(draw(st.lists(st.tuples(times, st.integers(0, 7)), max_size=2))),
+            crashes=tuple(draw(st.lists(st.tuples(times, st.integers(0, 7), st.booleans()), max_size=2))),
         )
     return storm
 
@@ -205,9 +208,11 @@ def simulate(storm: Storm) -> World:
     for at, device, silent in storm.cuts:
         label = labels[device % len(labels)]
         world.at(start + at, f"cut {label}", lambda label=label, silent=silent: world.cut(label, silent))
-    for at, device in storm.crashes:
+    for at, device, saved in storm.crashes:
         label = labels[device % len(labels)]
-        crash = lambda label=label: world.restart_device(label, world.device(label).app.positions())
+        crash = lambda label=label, saved=saved: world.restart_device(
+            label, world.device(label).app.positions() if saved else None
+        )
         world.at(start + at, f"{label} crashes", crash)
     for at, downtime in storm.restarts:
         world.at(start + at, "restart", lambda downtime=downtime: world.restart_server(downtime))
@@ -421,8 +426,9 @@ def test_restarted_client_resumes_from_its_saved_positions() -> None:
     sync = world.frames("bob/d1", UP, schema.SYNC)[-1].packet()
     assert sync.flags & schema.SYNC_SERVER_CURSORS == 0
     assert [(c.conversation, c.seq) for c in sync.cursors] == [(ANN_BOB, 3)]
-    batches = world.device("bob/d1").app.batches
-    assert [[m.body for m in b] for b in batches] == [[b"m1"], [b"m2"], [b"m3"], [b"m4", b"m5", b"m6"]]
+    before, after = world.device("bob/d1").apps
+    assert [[m.body for m in b] for b in before.batches] == [[b"m1"], [b"m2"], [b"m3"]]
+    assert [[m.body for m in b] for b in after.batches] == [[b"m4", b"m5", b"m6"]]
     assert world.violations() == []
 
 
@@ -443,7 +449,10 @@ def test_client_without_saved_positions_resumes_at_the_server_cursor() -> None:
     sync = world.frames("bob/d1", UP, schema.SYNC)[-1].packet()
     assert sync.flags & schema.SYNC_SERVER_CURSORS and sync.cursors == ()
     assert [m.body for m in world.frames("bob/d1", DOWN, schema.SYNC_RESULT)[-1].packet().messages] == [b"m4"]
-    assert bodies(world, "bob/d1") == [b"m1", b"m2", b"m3", b"m4"]
+    before, after = world.device("bob/d1").apps
+    assert [m.body for m in before.messages()] == [b"m1", b"m2", b"m3"]
+    assert after.starts == {ANN_BOB: 3}
+    assert [m.body for m in after.messages()] == [b"m4"]
     assert world.violations() == []
 
 

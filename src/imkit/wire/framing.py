@@ -10,8 +10,9 @@ from typing import Iterator
 from imkit.wire import schema
 from imkit.wire.errors import DecodeError, ErrorCode
 
-_HEADER = struct.Struct(">IBBH")
-_LENGTH = struct.Struct(">I")
+# The header as declared in schema.HEADER (length, version, flags, kind), read in one call.
+_HEADER = struct.Struct(">" + "".join(sub.subcon.fmtstr[1] for sub in schema.HEADER.subcons))
+_LENGTH = struct.Struct(">" + schema.HEADER.subcons[0].subcon.fmtstr[1])
 
 
 class FrameReader:
@@ -28,35 +29,44 @@ class FrameReader:
         self.max_frame = max_frame
         self.version = version
         self._buffer = bytearray()
+        self._pos = 0
 
     @property
     def buffered(self) -> int:
         """How many received bytes are waiting for the rest of their frame."""
-        return len(self._buffer)
+        return len(self._buffer) - self._pos
 
     def feed(self, data: bytes) -> Iterator[tuple[int, int, bytes]]:
-        """Add ``data`` and yield every frame it completes; raise DecodeError on a bad frame."""
+        """
+        Add ``data`` now; return an iterator over the frames it completes, which raises
+        DecodeError at the first bad one.  The read position is the reader's own, so a consumer
+        that stops early, or feeds again meanwhile, never sees a frame twice.
+        """
         buffer = self._buffer
+        if self._pos:
+            del buffer[: self._pos]
+            self._pos = 0
         buffer += data
-        pos = 0
-        size = len(buffer)
-        try:
-            while size - pos >= schema.LENGTH_SIZE:
-                (length,) = _LENGTH.unpack_from(buffer, pos)
-                if length > self.max_frame:
-                    raise DecodeError(
-                        f"frame of {length} bytes exceeds the limit of {self.max_frame}", ErrorCode.FRAME_TOO_LARGE
-                    )
-                if length < schema.HEADER_SIZE - schema.LENGTH_SIZE:
-                    raise DecodeError(f"frame length {length} is shorter than a frame header")
-                end = pos + schema.LENGTH_SIZE + length
-                if end > size:
-                    break
-                _, version, flags, kind = _HEADER.unpack_from(buffer, pos)
-                if version != self.version:
-                    raise DecodeError(f"protocol version {version} is not {self.version}", ErrorCode.UNSUPPORTED_VERSION)
-                body = bytes(buffer[pos + schema.HEADER_SIZE : end])
-                pos = end
-                yield kind, flags, body
-        finally:
-            del buffer[:pos]
+        return self._frames()
+
+    def _frames(self) -> Iterator[tuple[int, int, bytes]]:
+        buffer = self._buffer
+        while len(buffer) - self._pos >= schema.LENGTH_SIZE:
+            pos = self._pos
+            (length,) = _LENGTH.unpack_from(buffer, pos)
+            if length > self.max_frame:
+                raise DecodeError(
+                    f"frame of {length} bytes exceeds the limit of {self.max_frame}", ErrorCode.FRAME_TOO_LARGE
+                )
+            if length < schema.HEADER_SIZE - schema.LENGTH_SIZE:
+                raise DecodeError(f"frame length {length} is shorter than a frame header")
+            if len(buffer) - pos < schema.HEADER_SIZE:
+                return
+            _, version, flags, kind = _HEADER.unpack_from(buffer, pos)
+            if version != self.version:
+                raise DecodeError(f"protocol version {version} is not {self.version}", ErrorCode.UNSUPPORTED_VERSION)
+            end = pos + schema.LENGTH_SIZE + length
+            if len(buffer) < end:
+                return
+            self._pos = end
+            yield kind, flags, bytes(buffer[pos + schema.HEADER_SIZE : end])

@@ -1,0 +1,59 @@
+"""
+``twistd`` under yappi, for ``bench_e2e.py --profile``: CPU time per function, in every thread.
+
+Usage: ``python benchmarks/_profiled_twistd.py OUTPUT.json TWISTD_ARGUMENTS...``.  Nothing is
+profiled until the first SIGUSR2 (so start-up and logins are left out); the second one stops the
+profiler and writes OUTPUT.json: per function its calls, own and inclusive CPU seconds; per thread
+its CPU seconds.  Builtins (sqlite3, OpenSSL through cffi, socket calls) are included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import yappi
+
+
+def toggle(output: str) -> Any:
+    def handler(signum: int, frame: Any) -> None:
+        if not yappi.is_running():
+            yappi.clear_stats()
+            yappi.set_clock_type("cpu")
+            yappi.start(builtins=os.environ.get("IMKIT_PROFILE_BUILTINS") == "1", profile_threads=True)
+            return
+        yappi.stop()
+        functions = [
+            {
+                "name": stat.name,
+                "module": stat.module,
+                "line": stat.lineno,
+                "calls": stat.ncall,
+                "own": stat.tsub,
+                "inclusive": stat.ttot,
+            }
+            for stat in yappi.get_func_stats()
+        ]
+        threads = [{"name": stat.name, "id": stat.id, "cpu": stat.ttot} for stat in yappi.get_thread_stats()]
+        partial = output + ".partial"
+        with open(partial, "w") as f:
+            json.dump({"functions": functions, "threads": threads}, f)
+        os.replace(partial, output)
+
+    return handler
+
+
+def main() -> None:
+    output, *arguments = sys.argv[1:]
+    signal.signal(signal.SIGUSR2, toggle(output))
+    sys.argv = ["twistd", *arguments]
+    from twisted.scripts.twistd import run
+
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,772 @@
+"""
+Durable one-to-one throughput over loopback TLS: imkit against Mosquitto (QoS 1) on this machine.
+
+Run ``python benchmarks/bench_e2e.py`` (``--quick`` for a shorter run, ``--count N`` to choose the
+number of messages, ``--profile`` to add a py-spy profile of the imkit server).
+
+For each system, three processes on 127.0.0.1:
+
+server
+    ``twistd -n imkit --listen tls:PORT:interface=127.0.0.1 --store sqlite:TMP/imkit.sqlite3``
+    (stores every message in an SQLite transaction before acknowledging it), or our own
+    ``mosquitto`` with one TLS listener, persistence on, QoS 1 (acknowledges before its
+    asynchronous save: not the same promise, see the note printed with the results).
+receiver
+    ``IMClient`` (user bob) or a paho-mqtt client subscribed to ``chat/bob``, counting deliveries,
+    checking their order and recording each message's latency: the receiver's ``time.time()``
+    minus the sender's, written into the body (both processes read the same clock).
+sender
+    ``IMClient`` (user alice, ``send(to="bob")``) or a paho-mqtt client publishing to
+    ``chat/bob``, with at most ``--window`` unacknowledged messages, started only once both
+    clients are logged in (and the receiver caught up or subscribed).
+
+Reported: messages per second end to end (first send to last delivery) and acknowledged
+(first send to last ack), latency percentiles, and CPU microseconds per message of the server
+(``/proc/PID/stat`` utime + stime before and after, over N) and of each client process.  The
+machine has few cores and all processes share them: the figures are for comparison on this
+machine, not capacity planning.
+
+The Mosquitto clients use paho-mqtt (``pip install paho-mqtt``); without it only imkit runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.join(os.path.dirname(HERE), "src"))
+
+from _harness import (  # noqa: E402
+    CA,
+    MOSQUITTO_NOTE,
+    BenchError,
+    Child,
+    Cleanup,
+    ImkitServer,
+    Mosquitto,
+    file_text,
+    percentile,
+    script,
+    version,
+    wait_until,
+)
+
+PASSWORD = "bench-password"
+TOPIC = "chat/bob"
+READY_TIMEOUT = 60.0
+F_SETPIPE_SZ = 1031  # Linux fcntl: set a pipe's capacity
+
+
+# Inside the client processes -------------------------------------------------------------------
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One JSON line to the benchmark that started us."""
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def make_body(index: int, size: int) -> bytes:
+    """``INDEX SEND_TIME `` padded with x to ``size`` bytes: what the receiver checks and times."""
+    head = f"{index} {time.time():.6f} ".encode()
+    return head + b"x" * max(0, size - len(head))
+
+
+class Tally:
+    """The receiver's count: order, latency, first and last arrival."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.received = 0
+        self.expected = 0
+        self.out_of_order = 0
+        self.latencies: list[float] = []
+        self.first = 0.0
+        self.last = 0.0
+        self.cpu_at_first = 0.0
+
+    def got(self, body: bytes) -> bool:
+        """Count one message; True once ``count`` arrived."""
+        now = time.time()
+        index_text, stamp_text, _ = body.split(b" ", 2)
+        index = int(index_text)
+        if index != self.expected:
+            self.out_of_order += 1
+        self.expected = index + 1
+        self.latencies.append(now - float(stamp_text))
+        if not self.received:
+            self.first = now
+            self.cpu_at_first = time.process_time()
+        self.last = now
+        self.received += 1
+        return self.received >= self.count
+
+    def result(self, cpu_before: float) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+        return {
+            "received": self.received,
+            "out_of_order": self.out_of_order,
+            "first": self.first,
+            "last": self.last,
+            "p50": percentile(ordered, 0.50),
+            "p99": percentile(ordered, 0.99),
+            "max": ordered[-1] if ordered else float("nan"),
+            "cpu": time.process_time() - cpu_before,
+        }
+
+
+class Window:
+    """The sender's bookkeeping: at most ``window`` unacknowledged, timestamps of first send and last ack."""
+
+    def __init__(self, count: int, window: int) -> None:
+        self.count = count
+        self.window = window
+        self.sent = 0
+        self.acked = 0
+        self.first = 0.0
+        self.last_ack = 0.0
+
+    def result(self, cpu_before: float) -> dict[str, Any]:
+        return {"sent": self.sent, "acked": self.acked, "first": self.first, "last_ack": self.last_ack, "cpu": time.process_time() - cpu_before}
+
+
+def read_go_line(on_line: Callable[[str], None]) -> None:
+    """Call ``on_line`` (from a daemon thread) with the first line of standard input."""
+
+    def read() -> None:
+        on_line(sys.stdin.readline())
+
+    threading.Thread(target=read, name="go", daemon=True).start()
+
+
+def imkit_client(reactor: Any, args: argparse.Namespace, user: str, device: str) -> Any:
+    from imkit.client import ClientSettings, IMClient, tls_endpoint
+
+    settings = ClientSettings(send_timeout=args.timeout)
+    return IMClient(tls_endpoint(reactor, args.server, CA), user, PASSWORD, device, settings=settings, reactor=reactor)
+
+
+def role_imkit_receiver(args: argparse.Namespace) -> None:
+    from twisted.internet import defer
+    from twisted.internet.task import react
+
+    async def run(reactor: Any) -> None:
+        client = imkit_client(reactor, args, "bob", "bench-recv")
+        tally = Tally(args.count)
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def delivered(message: Any) -> None:
+            if not done.called and tally.got(message.body):
+                done.callback(None)
+
+        client.on_message(delivered)
+        client.startService()
+        try:
+            await client.caughtUp().addTimeout(READY_TIMEOUT, reactor)
+            cpu_before = time.process_time()
+            emit("ready")
+            await done.addTimeout(args.timeout, reactor)
+            emit("done", **tally.result(cpu_before))
+        except Exception as error:
+            emit("error", error=f"{type(error).__name__}: {error} after {tally.received} messages")
+        finally:
+            await client.stopService()
+
+    react(lambda reactor: defer.ensureDeferred(run(reactor)))
+
+
+def role_imkit_sender(args: argparse.Namespace) -> None:
+    from twisted.internet import defer
+    from twisted.internet.task import react
+
+    async def run(reactor: Any) -> None:
+        client = imkit_client(reactor, args, "alice", "bench-send")
+        window = Window(args.count, args.window)
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def pump() -> None:
+            while window.sent < window.count and window.sent - window.acked < window.window:
+                sent = client.send(to="bob", body=make_body(window.sent, args.size))
+                window.sent += 1
+                sent.addCallbacks(acked, failed)
+
+        def acked(_receipt: Any) -> None:
+            window.acked += 1
+            window.last_ack = time.time()
+            if window.acked >= window.count:
+                if not done.called:
+                    done.callback(None)
+            else:
+                pump()
+
+        def failed(failure: Any) -> None:
+            if not done.called:
+                done.errback(failure)
+
+        client.startService()
+        try:
+            await client.loggedIn().addTimeout(READY_TIMEOUT, reactor)
+            go: defer.Deferred[str] = defer.Deferred()
+            read_go_line(lambda line: reactor.callFromThread(go.callback, line))
+            emit("ready")
+            await go.addTimeout(READY_TIMEOUT, reactor)
+            cpu_before = time.process_time()
+            window.first = time.time()
+            pump()
+            await done.addTimeout(args.timeout, reactor)
+            emit("done", **window.result(cpu_before))
+        except Exception as error:
+            emit("error", error=f"{type(error).__name__}: {error} after {window.acked} acknowledgements")
+        finally:
+            await client.stopService()
+
+    react(lambda reactor: defer.ensureDeferred(run(reactor)))
+
+
+def mqtt_client(client_id: str) -> Any:
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+    client.tls_set(ca_certs=CA)
+    return client
+
+
+def role_mqtt_receiver(args: argparse.Namespace) -> None:
+    client = mqtt_client(f"bench-recv-{os.getpid()}")
+    tally = Tally(args.count)
+    subscribed = threading.Event()
+    done = threading.Event()
+    client.on_connect = lambda c, userdata, flags, reason, properties: c.subscribe(TOPIC, qos=1)
+    client.on_subscribe = lambda c, userdata, mid, reasons, properties: subscribed.set()
+
+    def on_message(c: Any, userdata: Any, message: Any) -> None:
+        if not done.is_set() and tally.got(message.payload):
+            done.set()
+
+    client.on_message = on_message
+    host, port = args.server.rsplit(":", 1)
+    client.connect(host, int(port), keepalive=60)
+    client.loop_start()
+    try:
+        if not subscribed.wait(READY_TIMEOUT):
+            emit("error", error=f"not subscribed within {READY_TIMEOUT:g} s")
+            return
+        cpu_before = time.process_time()
+        emit("ready")
+        if done.wait(args.timeout):
+            emit("done", **tally.result(cpu_before))
+        else:
+            emit("error", error=f"only {tally.received} of {args.count} messages within {args.timeout:g} s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def role_mqtt_sender(args: argparse.Namespace) -> None:
+    import paho.mqtt.client as mqtt
+
+    client = mqtt_client(f"bench-send-{os.getpid()}")
+    client.max_inflight_messages_set(args.window)
+    client.max_queued_messages_set(0)
+    window = Window(args.count, args.window)
+    room = threading.Semaphore(args.window)
+    connected = threading.Event()
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def on_publish(c: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        with lock:
+            window.acked += 1
+            window.last_ack = time.time()
+            if window.acked >= window.count:
+                done.set()
+        room.release()
+
+    client.on_connect = lambda c, userdata, flags, reason, properties: connected.set()
+    client.on_publish = on_publish
+    host, port = args.server.rsplit(":", 1)
+    client.connect(host, int(port), keepalive=60)
+    client.loop_start()
+    try:
+        if not connected.wait(READY_TIMEOUT):
+            emit("error", error=f"not connected within {READY_TIMEOUT:g} s")
+            return
+        go = threading.Event()
+        read_go_line(lambda line: go.set())
+        emit("ready")
+        if not go.wait(READY_TIMEOUT):
+            emit("error", error="no go line")
+            return
+        cpu_before = time.process_time()
+        window.first = time.time()
+        deadline = time.monotonic() + args.timeout
+        for index in range(args.count):
+            if not room.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                emit("error", error=f"window never opened: {window.acked} of {args.count} acknowledged within {args.timeout:g} s")
+                return
+            info = client.publish(TOPIC, make_body(index, args.size), qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                emit("error", error=f"publish {index} failed: {mqtt.error_string(info.rc)}")
+                return
+            window.sent += 1
+        if done.wait(max(0.0, deadline - time.monotonic())):
+            emit("done", **window.result(cpu_before))
+        else:
+            emit("error", error=f"only {window.acked} of {args.count} acknowledged within {args.timeout:g} s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+ROLES = {
+    "imkit-receiver": role_imkit_receiver,
+    "imkit-sender": role_imkit_sender,
+    "mqtt-receiver": role_mqtt_receiver,
+    "mqtt-sender": role_mqtt_sender,
+}
+
+
+# The benchmark ---------------------------------------------------------------------------------
+
+
+def role_argv(role: str, server: str, opts: argparse.Namespace) -> list[str]:
+    return [
+        sys.executable,
+        os.path.abspath(__file__),
+        role,
+        "--server",
+        server,
+        "--count",
+        str(opts.count),
+        "--window",
+        str(opts.window),
+        "--size",
+        str(opts.size),
+        "--timeout",
+        str(opts.timeout),
+    ]
+
+
+def drive(system: str, server: Any, opts: argparse.Namespace, cleanup: Cleanup, spy: Any = None) -> dict[str, Any]:
+    """Start the receiver, then the sender; say go; wait for both to finish; read the server's CPU."""
+    prefix = "imkit" if system == "imkit" else "mqtt"
+    receiver = cleanup.child(Child(f"{system} receiver", role_argv(f"{prefix}-receiver", server.server, opts)))
+    receiver.wait_json("ready", READY_TIMEOUT + 10)
+    sender = cleanup.child(Child(f"{system} sender", role_argv(f"{prefix}-sender", server.server, opts), stdin=subprocess.PIPE))
+    sender.wait_json("ready", READY_TIMEOUT + 10)
+    if spy is not None:
+        spy.start(server.pid)
+    cpu_before = server.cpu()
+    assert sender.proc.stdin is not None
+    sender.proc.stdin.write(b"go\n")
+    sender.proc.stdin.flush()
+    sent = sender.wait_json("done", opts.timeout + 30)
+    received = receiver.wait_json("done", opts.timeout + 30)
+    time.sleep(0.3)  # the last delivery acknowledgements reach the server
+    cpu_after = server.cpu()
+    if spy is not None:
+        spy.stop()
+    for child in (sender, receiver):
+        child.wait_exit(30)
+    if os.environ.get("BENCH_DEBUG"):
+        print(f"debug {system}: whole-process CPU sender {sender.cpu:.2f} s, receiver {receiver.cpu:.2f} s", file=sys.stderr)
+    if sent["acked"] != opts.count or received["received"] != opts.count:
+        raise BenchError(f"{system}: {sent['acked']} acknowledged and {received['received']} received of {opts.count}")
+    if received["out_of_order"]:
+        raise BenchError(f"{system}: {received['out_of_order']} of {opts.count} messages arrived out of order")
+    n = opts.count
+    return {
+        "system": system,
+        "e2e_rate": n / (received["last"] - sent["first"]),
+        "ack_rate": n / (sent["last_ack"] - sent["first"]),
+        "p50_ms": received["p50"] * 1e3,
+        "p99_ms": received["p99"] * 1e3,
+        "max_ms": received["max"] * 1e3,
+        "server_cpu_us": (cpu_after - cpu_before) / n * 1e6,
+        "sender_cpu_us": sent["cpu"] / n * 1e6,
+        "receiver_cpu_us": received["cpu"] / n * 1e6,
+        "server_cpu_s": cpu_after - cpu_before,
+    }
+
+
+def run_imkit(opts: argparse.Namespace, spy: Any = None) -> dict[str, Any]:
+    with Cleanup() as cleanup:
+        server = ImkitServer(cleanup, {"alice": PASSWORD, "bob": PASSWORD}, twistd=getattr(spy, "twistd", None))
+        result = drive("imkit", server, opts, cleanup, spy)
+        errors = server.log_errors()
+        if errors:
+            raise BenchError("the imkit server logged errors:\n" + "\n".join(errors[:10]))
+        return result
+
+
+def run_mosquitto(opts: argparse.Namespace) -> dict[str, Any]:
+    with Cleanup() as cleanup:
+        broker = Mosquitto(cleanup, max_inflight=opts.window)
+        broker.server = f"localhost:{broker.port}"  # type: ignore[attr-defined]
+        return drive("mosquitto", broker, opts, cleanup)
+
+
+def run_mosquitto_c(opts: argparse.Namespace) -> dict[str, Any]:
+    """
+    The same workload with Mosquitto's own C clients: ``mosquitto_pub -l -q 1 -M WINDOW`` fed
+    timestamped lines by us through a pipe shrunk to one page (so lines do not wait in it long),
+    and ``mosquitto_sub -q 1 -C N`` whose lines we time as they arrive.  "Acknowledged" is
+    when mosquitto_pub exits: it waits for the acknowledgement of everything it sent.
+    """
+    n = opts.count
+    with Cleanup() as cleanup:
+        broker = Mosquitto(cleanup, max_inflight=opts.window)
+        tls = ["-h", "localhost", "-p", str(broker.port), "--cafile", CA, "-q", "1", "-t", TOPIC]
+        sub = cleanup.child(
+            Child("mosquitto_sub", ["mosquitto_sub", *tls, "-C", str(n), "-i", "bench-sub-c"], keep_times=True)
+        )
+        wait_until(lambda: broker.subscribed("bench-sub-c", TOPIC), READY_TIMEOUT, "mosquitto_sub to subscribe")
+        pub = cleanup.child(
+            Child("mosquitto_pub", ["mosquitto_pub", *tls, "-l", "-M", str(opts.window), "-i", "bench-pub-c"], stdin=subprocess.PIPE)
+        )
+        assert pub.proc.stdin is not None
+        try:
+            fcntl.fcntl(pub.proc.stdin.fileno(), F_SETPIPE_SZ, 4096)
+        except OSError:
+            pass  # not Linux: a larger pipe only adds latency on the Mosquitto side
+        wait_until(lambda: "as bench-pub-c " in file_text(broker.log_path), READY_TIMEOUT, "mosquitto_pub to connect")
+        cpu_before = broker.cpu()
+        first = time.time()
+        # At most WINDOW lines written and not yet delivered: the clients' bounded window, measured
+        # by delivery since mosquitto_pub does not show its acknowledgements.
+        delivered = lambda written: sub.wait_for(lambda: len(sub.lines) > written - opts.window, opts.timeout, "room in the window")  # noqa: E731
+        writer = threading.Thread(target=feed_lines, args=(pub.proc.stdin, n, opts.size, delivered), daemon=True)
+        writer.start()
+        sub.wait_for(lambda: len(sub.lines) >= n, opts.timeout, f"{n} lines")
+        pub.wait_exit(opts.timeout)
+        sub.wait_exit(30)
+        time.sleep(0.3)
+        cpu_after = broker.cpu()
+        if pub.proc.returncode or sub.proc.returncode:
+            raise BenchError(f"mosquitto_pub exited {pub.proc.returncode}, mosquitto_sub {sub.proc.returncode}:\n{pub.output_tail()}\n{sub.output_tail()}")
+        latencies = []
+        out_of_order = 0
+        for expected, (line, arrived) in enumerate(zip(sub.lines, sub.times)):
+            index_text, stamp_text, _ = line.split(" ", 2)
+            out_of_order += int(index_text) != expected
+            latencies.append(arrived - float(stamp_text))
+        if len(sub.lines) != n or out_of_order:
+            raise BenchError(f"mosquitto C clients: {len(sub.lines)} lines of {n}, {out_of_order} out of order")
+        latencies.sort()
+        assert pub.exit_time is not None and pub.cpu is not None and sub.cpu is not None
+        return {
+            "system": "mosquitto C",
+            "e2e_rate": n / (sub.times[-1] - first),
+            "ack_rate": n / (pub.exit_time - first),
+            "p50_ms": percentile(latencies, 0.5) * 1e3,
+            "p99_ms": percentile(latencies, 0.99) * 1e3,
+            "max_ms": latencies[-1] * 1e3,
+            "server_cpu_us": (cpu_after - cpu_before) / n * 1e6,
+            # From their resource usage at exit: the TLS handshake included, nothing else to leave out.
+            "sender_cpu_us": pub.cpu / n * 1e6,
+            "receiver_cpu_us": sub.cpu / n * 1e6,
+            "server_cpu_s": cpu_after - cpu_before,
+        }
+
+
+def feed_lines(stream: Any, count: int, size: int, room: Callable[[int], Any], chunk: int = 16) -> None:
+    """
+    Write ``count`` timestamped lines (as ``make_body``, newline-free), ``chunk`` per write, each
+    write once ``room(written)`` returns, then close.
+    """
+    try:
+        for start in range(0, count, chunk):
+            room(start + chunk)
+            stream.write(b"".join(make_body(i, size) + b"\n" for i in range(start, min(count, start + chunk))))
+            stream.flush()
+        stream.close()
+    except (BrokenPipeError, ValueError, BenchError):
+        pass  # mosquitto_pub was stopped, or stopped delivering: the benchmark reports why
+
+
+def median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median end-to-end rate (whole runs, so the figures belong together)."""
+    ordered = sorted(results, key=lambda r: r["e2e_rate"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+ROWS = [
+    ("end to end (msg/s)", "e2e_rate", "{:,.0f}"),
+    ("acknowledged (msg/s)", "ack_rate", "{:,.0f}"),
+    ("latency p50 (ms)", "p50_ms", "{:.1f}"),
+    ("latency p99 (ms)", "p99_ms", "{:.1f}"),
+    ("latency max (ms)", "max_ms", "{:.1f}"),
+    ("server CPU (us/msg)", "server_cpu_us", "{:.1f}"),
+    ("sender CPU (us/msg)", "sender_cpu_us", "{:.1f}"),
+    ("receiver CPU (us/msg)", "receiver_cpu_us", "{:.1f}"),
+]
+
+
+def format_table(imkit: dict[str, Any], others: list[tuple[str, dict[str, Any]]]) -> str:
+    """One column per system; after each Mosquitto column, the ratio imkit / that column."""
+    head = f"{'':<24}{'imkit':>10}"
+    for name, _ in others:
+        head += f"{name:>14}{'ratio':>12}"
+    lines = [head, "-" * len(head)]
+    for label, key, fmt in ROWS:
+        line = f"{label:<24}{fmt.format(imkit[key]):>10}"
+        for _, other in others:
+            ratio = imkit[key] / other[key] if other[key] else float("inf")
+            line += f"{fmt.format(other[key]):>14}{ratio:>12.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# Profiling the server ----------------------------------------------------------------------------
+
+
+class YappiProfiler:
+    """
+    The server run by ``_profiled_twistd.py``: yappi measures CPU time per function in every
+    thread, between two SIGUSR2 (sent when the sender is told to go, and after the last delivery).
+    Deterministic profiling slows every call, small ones most: read the shares, not the absolutes.
+    """
+
+    name = "yappi, CPU clock, all threads, builtins included"
+
+    def __init__(self, cleanup: Cleanup) -> None:
+        self.path = os.path.join(cleanup.tempdir("imkit-profile-"), "yappi.json")
+        self.twistd = [sys.executable, os.path.join(HERE, "_profiled_twistd.py"), self.path]
+        self.pid = 0
+
+    def start(self, pid: int) -> None:
+        self.pid = pid
+        os.kill(pid, signal.SIGUSR2)
+
+    def stop(self) -> None:
+        os.kill(self.pid, signal.SIGUSR2)
+        wait_until(lambda: os.path.exists(self.path), 60, "the profile to be written")
+
+    def report(self, count: int, top: int = 20) -> str:
+        with open(self.path) as f:
+            data = json.load(f)
+        total = sum(thread["cpu"] for thread in data["threads"])
+        own: Counter[str] = Counter()
+        inclusive: Counter[str] = Counter()
+        calls: Counter[str] = Counter()
+        for function in data["functions"]:
+            name = short(f"{function['name']} ({function['module']}:{function['line']})")
+            own[name] += function["own"]
+            inclusive[name] = max(inclusive[name], function["inclusive"])
+            calls[name] += function["calls"]
+        us = 1e6 / count
+        lines = [
+            f"{total:.2f} CPU seconds under the profiler = {total * us:.1f} us per message; by thread: "
+            + ", ".join(f"{t['name']} {t['cpu'] * 100 / total:.0f}%" for t in sorted(data["threads"], key=lambda t: -t["cpu"]) if total),
+        ]
+        for title, table in (("own time (the function itself, not its callees)", own), ("inclusive time (the function and its callees)", inclusive)):
+            lines += ["", f"top {top} by {title}", f"{'us/msg':>8}{'%':>7}{'calls/msg':>11}  function"]
+            lines += [
+                f"{seconds * us:>8.2f}{seconds * 100 / total:>7.1f}{calls[name] / count:>11.2f}  {name}"
+                for name, seconds in table.most_common(top)
+            ]
+        return "\n".join(lines)
+
+
+class PySpyProfiler:
+    """
+    ``py-spy record`` attached to the server for the timed part of a run (raw collapsed stacks).
+
+    Beware: py-spy counts a thread as busy when it is not in a wait it recognises, so a thread
+    waiting for the GIL or for an fsync counts; on this server its totals come out two to three
+    times the real CPU time.  It is a wall-clock view of the busy threads, not a CPU profile.
+    """
+
+    name = "py-spy, sampled wall time of threads py-spy considers active"
+
+    def __init__(self, cleanup: Cleanup, rate: int) -> None:
+        self.rate = rate
+        self.path = os.path.join(cleanup.tempdir("imkit-profile-"), "stacks.txt")
+        self.proc: subprocess.Popen | None = None
+        self.twistd = None
+        self._cleanup = cleanup
+
+    def start(self, pid: int) -> None:
+        argv = [script("py-spy"), "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw", "--function", "--threads"]
+        argv += ["--output", self.path]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._cleanup.add(self.stop)
+        time.sleep(0.5)  # attached before the first message
+        if self.proc.poll() is not None:
+            raise BenchError(f"py-spy failed: {self.proc.stderr.read().decode(errors='replace') if self.proc.stderr else ''}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)  # py-spy writes its output and exits
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def report(self, count: int, top: int = 20) -> str:
+        stacks = []
+        with open(self.path) as f:
+            for line in f:
+                frames, _, number = line.rstrip("\n").rpartition(" ")
+                if frames:
+                    stacks.append((frames.split(";"), int(number)))
+        total = sum(n for _, n in stacks)
+        if not total:
+            return "py-spy recorded no samples"
+        own: Counter[str] = Counter()
+        inclusive: Counter[str] = Counter()
+        threads: Counter[str] = Counter()
+        for frames, n in stacks:
+            thread, *calls = frames  # --threads: the first frame names the thread
+            threads[thread.split(": ", 1)[-1]] += n
+            if calls:
+                own[short(calls[-1])] += n
+                for call in set(calls):
+                    inclusive[short(call)] += n
+        us = 1e6 / self.rate / count
+        lines = [
+            f"{total} samples at {self.rate} Hz = {total / self.rate:.2f} s, {total * us:.1f} us per message; by thread: "
+            + ", ".join(f"{name} {n * 100 / total:.0f}%" for name, n in threads.most_common()),
+        ]
+        for title, table in (("own time", own), ("inclusive time", inclusive)):
+            lines += ["", f"top {top} by {title}", f"{'us/msg':>8}{'%':>7}  function"]
+            lines += [f"{n * us:>8.2f}{n * 100 / total:>7.1f}  {name}" for name, n in table.most_common(top)]
+        return "\n".join(lines)
+
+
+def short(frame: str) -> str:
+    """``function (path/to/module.py:12)`` -> ``function (imkit/module.py:12)``; install prefixes cut."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    for marker in ("site-packages/", "/src/", "/lib/python3.", "/work/main/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+            if marker == "/lib/python3.":
+                where = where.split("/", 1)[-1]
+            break
+    return f"{name} ({where})" if where else name
+
+
+def profile_imkit(opts: argparse.Namespace) -> str:
+    with Cleanup() as cleanup:
+        profiler: YappiProfiler | PySpyProfiler
+        if opts.profile == "py-spy":
+            profiler = PySpyProfiler(cleanup, opts.profile_rate)
+        else:
+            try:
+                import yappi  # noqa: F401
+            except ImportError:
+                raise BenchError("--profile needs yappi: pip install yappi (or use --profile py-spy)") from None
+            profiler = YappiProfiler(cleanup)
+        result = run_imkit(opts, profiler)
+        report = profiler.report(opts.count)
+        if opts.profile_output:
+            shutil.copyfile(profiler.path, opts.profile_output)
+            report += f"\n(raw profile saved to {opts.profile_output})"
+    return (
+        f"imkit server profile ({profiler.name}), a separate run of {opts.count:,} messages: "
+        f"{result['e2e_rate']:,.0f} msg/s end to end while profiled, server CPU {result['server_cpu_us']:.1f} us/msg "
+        f"by /proc (profiler included)\n{report}"
+    )
+
+
+# Command line ------------------------------------------------------------------------------------
+
+
+def parse(argv: list[str] | None) -> tuple[str | None, argparse.Namespace]:
+    argv = sys.argv[1:] if argv is None else argv
+    role = argv[0] if argv and argv[0] in ROLES else None
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=None, help="messages per run (default 20000, --quick 5000)")
+    parser.add_argument("--window", type=int, default=1000, help="unacknowledged messages at most (default 1000)")
+    parser.add_argument("--size", type=int, default=100, help="message body bytes (default 100)")
+    parser.add_argument("--runs", type=int, default=1, help="runs per system; the run with the median rate is shown (default 1)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds a run may take at most (default: from --count)")
+    parser.add_argument("--quick", action="store_true", help="fewer messages")
+    parser.add_argument("--no-mosquitto", action="store_true", help="run imkit only")
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="yappi",
+        choices=["yappi", "py-spy"],
+        help="also profile the imkit server in a separate run: yappi (CPU per function, the default) or py-spy",
+    )
+    parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second (default 250)")
+    parser.add_argument("--profile-output", metavar="FILE", help="keep the raw profile (yappi JSON, py-spy collapsed stacks) in FILE")
+    parser.add_argument("--server", help=argparse.SUPPRESS)  # for the client roles
+    opts = parser.parse_args(argv[1:] if role else argv)
+    if opts.count is None:
+        opts.count = 5000 if opts.quick else 20000
+    if opts.count < 1 or opts.window < 1 or opts.size < 32 or opts.runs < 1:
+        parser.error("--count, --window and --runs must be positive and --size at least 32")
+    if opts.timeout is None:
+        opts.timeout = 60.0 + opts.count / 200
+    return role, opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    role, opts = parse(argv)
+    if role is not None:
+        ROLES[role](opts)
+        return 0
+    try:
+        import paho.mqtt  # noqa: F401
+
+        have_paho = True
+    except ImportError:
+        have_paho = False
+    print(
+        f"durable 1:1 messages over loopback TLS: {opts.count:,} messages of {opts.size} bytes, "
+        f"at most {opts.window} unacknowledged, {os.cpu_count()} CPUs shared by server and both clients"
+    )
+    print(f"imkit: twistd -n imkit, SQLite store (commit before ack); clients: IMClient; Python {sys.version.split()[0]}")
+    try:
+        imkit = median_run([run_imkit(opts) for _ in range(opts.runs)])
+        others: list[tuple[str, dict[str, Any]]] = []
+        if not opts.no_mosquitto:
+            print(
+                f"mosquitto: {version(['mosquitto', '-h'])}, our own broker with a TLS listener, QoS 1, persistence on, "
+                f"max_inflight_messages {opts.window}, max_queued_messages 0 (no limit)"
+            )
+            if have_paho:
+                import paho.mqtt
+
+                print(f"  mosq/paho: clients are paho-mqtt {getattr(paho.mqtt, '__version__', '?')} (Python, MQTT 3.1.1), as our IMClients are Python")
+                others.append(("mosq/paho", median_run([run_mosquitto(opts) for _ in range(opts.runs)])))
+            else:
+                print("  mosq/paho: skipped, paho-mqtt is not installed (pip install paho-mqtt)")
+            print(f"  mosq/C: clients are mosquitto_pub -l -M {opts.window} and mosquitto_sub (C); sender CPU from rusage")
+            others.append(("mosq/C", median_run([run_mosquitto_c(opts) for _ in range(opts.runs)])))
+        print()
+        print(format_table(imkit, others))
+        print(
+            "\nend to end: first send to last delivery; acknowledged: first send to last ack; latency: receiver's "
+            "clock minus the send time in the body; CPU: user+system seconds over the timed part, per message"
+        )
+        if others:
+            print(f"note: {MOSQUITTO_NOTE}")
+        if opts.profile:
+            print()
+            print(profile_imkit(opts))
+    except BenchError as error:
+        print(f"bench_e2e: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
