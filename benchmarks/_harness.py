@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -39,10 +40,10 @@ class BenchError(Exception):
 
 
 def child_env() -> dict[str, str]:
-    """The environment for children: the working tree's ``src`` first, unbuffered output."""
+    """The environment for children: the working tree's ``src`` first on the path."""
     env = dict(os.environ)
     env["PYTHONPATH"] = SRC + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("PYTHONUNBUFFERED", None)  # the commands run as a user runs them
     return env
 
 
@@ -66,13 +67,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int | str) -> float:
     """User + system CPU seconds of process ``pid`` (all its threads), from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as f:
         stat = f.read()
     # The command name (field 2) may hold spaces; the fields after its ")" are plain.
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14, 15)
+
+
+def thread_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds of process ``pid``'s main thread, and of all its other threads together."""
+    main = others = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            seconds = cpu_seconds(f"{pid}/task/{tid}")  # type: ignore[arg-type]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
+        if int(tid) == pid:
+            main = seconds
+        else:
+            others += seconds
+    return main, others
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -106,6 +122,49 @@ def tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+class LoadMeter:
+    """
+    How busy other processes kept the machine while a benchmark ran: all CPU time (/proc/stat)
+    less this process's and its reaped children's (every process a benchmark starts is reaped
+    before it reports).  Other people's test runs on a shared machine show up here.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        busy = (sum(values) - values[3] - values[4]) / CLOCK_TICKS
+        ours = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            ours += usage.ru_utime + usage.ru_stime
+        return time.monotonic(), busy, ours
+
+    def others(self) -> float:
+        """CPU cores other processes kept busy on average since this meter was made."""
+        now, busy, ours = self._sample()
+        start, busy0, ours0 = self._start
+        return max(0.0, (busy - busy0) - (ours - ours0)) / max(now - start, 1e-9)
+
+    def describe(self) -> str:
+        return (
+            f"meanwhile other processes kept {self.others():.1f} of this machine's {os.cpu_count()} CPUs busy on average "
+            "(the higher, the noisier these figures)"
+        )
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit, so ``Cleanup`` blocks stop what they started (run.py's timeout)."""
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
 # Processes -----------------------------------------------------------------------------------
 
 
@@ -117,7 +176,16 @@ class Child:
     (``cpu``, from its resource usage) are known even when it exits on its own.
     """
 
-    def __init__(self, name: str, argv: Sequence[str], *, stdin: Any = subprocess.DEVNULL, keep_times: bool = False, **popen: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        stdin: Any = subprocess.DEVNULL,
+        stdout: Any = subprocess.PIPE,
+        keep_times: bool = False,
+        **popen: Any,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.lines: list[str] = []
@@ -130,16 +198,15 @@ class Child:
         self.proc = subprocess.Popen(
             self.argv,
             stdin=stdin,
-            stdout=subprocess.PIPE,
+            stdout=stdout,  # a file instead of PIPE: nothing is read (nor timed) while it runs
             stderr=subprocess.PIPE,
             env=popen.pop("env", child_env()),
             start_new_session=True,  # a Ctrl-C of the benchmark reaches it through Cleanup only
             **popen,
         )
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, self.lines, True), daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, self.err_lines, False), daemon=True),
-        ]
+        self._readers = [threading.Thread(target=self._read, args=(self.proc.stderr, self.err_lines, False), daemon=True)]
+        if self.proc.stdout is not None:
+            self._readers.append(threading.Thread(target=self._read, args=(self.proc.stdout, self.lines, True), daemon=True))
         self._reaper = threading.Thread(target=self._reap, daemon=True)
         for thread in (*self._readers, self._reaper):
             thread.start()
@@ -342,19 +409,20 @@ class ImkitServer:
             *extra_args,
         ]
         self.argv = argv
-        self.proc = subprocess.Popen(
-            argv, cwd=self.dir, env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        self.out_path = os.path.join(self.dir, "twistd.out")
+        with open(self.out_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                argv, cwd=self.dir, env=child_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         cleanup.add(self.stop)
         wait_until(self._listening, 60, f"the imkit server to listen on {HOST}:{self.port}")
         self.pid = self.proc.pid
 
     def _listening(self) -> bool:
         if self.proc.poll() is not None:
-            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
             raise BenchError(
-                f"twistd exited with status {self.proc.returncode}:\n  command: {' '.join(self.argv)}\n{err}\n{tail(file_text(self.log_path))}"
+                f"twistd exited with status {self.proc.returncode}:\n  command: {' '.join(self.argv)}\n"
+                f"{tail(file_text(self.out_path))}\n{tail(file_text(self.log_path))}".rstrip()
             )
         return f"listening on {HOST}:{self.port}" in file_text(self.log_path)
 
@@ -365,10 +433,12 @@ class ImkitServer:
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
 
+    def thread_cpu(self) -> tuple[float, float]:
+        """CPU seconds of the reactor (main) thread, and of the others (the SQLite writer, the thread pool)."""
+        return thread_cpu_seconds(self.pid)
+
     def stop(self) -> None:
         stop_process(self.proc, 15)
-        if self.proc.stderr:
-            self.proc.stderr.close()
 
     def log_errors(self) -> list[str]:
         """Lines of the server log that report failures (tracebacks, critical or error events)."""
@@ -425,18 +495,26 @@ class Mosquitto:
                 )
             )
         self.argv = [self.binary, "-c", conf]
-        self.proc = subprocess.Popen(
-            self.argv, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-        )
+        self.out_path = os.path.join(self.dir, "mosquitto.out")
+        with open(self.out_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                self.argv, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         cleanup.add(self.stop)
         wait_until(self._running, 30, f"mosquitto to listen on {HOST}:{self.port}")
         self.pid = self.proc.pid
 
     def _running(self) -> bool:
         if self.proc.poll() is not None:
-            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-            raise BenchError(f"mosquitto exited with status {self.proc.returncode}:\n{err}\n{tail(file_text(self.log_path))}")
+            raise BenchError(
+                f"mosquitto exited with status {self.proc.returncode}:\n  command: {' '.join(self.argv)}\n"
+                f"{tail(file_text(self.out_path))}\n{tail(file_text(self.log_path))}".rstrip()
+            )
         return " running" in file_text(self.log_path)
+
+    @property
+    def server(self) -> str:
+        return f"localhost:{self.port}"
 
     def subscribed(self, client_id: str, topic: str) -> bool:
         return f" {client_id} 1 {topic}" in file_text(self.log_path)
@@ -446,8 +524,6 @@ class Mosquitto:
 
     def stop(self) -> None:
         stop_process(self.proc, 15)
-        if self.proc.stderr:
-            self.proc.stderr.close()
 
 
 def version(argv: Sequence[str]) -> str:

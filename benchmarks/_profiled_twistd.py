@@ -3,8 +3,10 @@
 
 Usage: ``python benchmarks/_profiled_twistd.py OUTPUT.json TWISTD_ARGUMENTS...``.  Nothing is
 profiled until the first SIGUSR2 (so start-up and logins are left out); the second one stops the
-profiler and writes OUTPUT.json: per function its calls, own and inclusive CPU seconds; per thread
-its CPU seconds.  Builtins (sqlite3, OpenSSL through cffi, socket calls) are included.
+profiler and writes OUTPUT.json: per thread its CPU seconds and per function its calls, own and
+inclusive CPU seconds.  Builtins (sqlite3, OpenSSL through cffi, socket calls) are profiled as
+functions of their own (without them, yappi counts their time in no function's own time), unless
+IMKIT_PROFILE_BUILTINS=0.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 import yappi
@@ -23,24 +26,29 @@ def toggle(output: str) -> Any:
         if not yappi.is_running():
             yappi.clear_stats()
             yappi.set_clock_type("cpu")
-            yappi.start(builtins=os.environ.get("IMKIT_PROFILE_BUILTINS") == "1", profile_threads=True)
+            yappi.start(builtins=os.environ.get("IMKIT_PROFILE_BUILTINS", "1") == "1", profile_threads=True)
             return
         yappi.stop()
-        functions = [
-            {
-                "name": stat.name,
-                "module": stat.module,
-                "line": stat.lineno,
-                "calls": stat.ncall,
-                "own": stat.tsub,
-                "inclusive": stat.ttot,
-            }
-            for stat in yappi.get_func_stats()
-        ]
-        threads = [{"name": stat.name, "id": stat.id, "cpu": stat.ttot} for stat in yappi.get_thread_stats()]
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        threads = []
+        for thread in yappi.get_thread_stats():
+            functions = [
+                {
+                    "name": stat.name,
+                    "module": stat.module,
+                    "line": stat.lineno,
+                    "calls": stat.ncall,
+                    "own": stat.tsub,
+                    "inclusive": stat.ttot,
+                }
+                for stat in yappi.get_func_stats(filter={"ctx_id": thread.id})
+            ]
+            main = thread.name == "_MainThread"
+            name = "reactor" if main else names.get(thread.tid, thread.name)
+            threads.append({"name": name, "main": main, "cpu": thread.ttot, "functions": functions})
         partial = output + ".partial"
         with open(partial, "w") as f:
-            json.dump({"functions": functions, "threads": threads}, f)
+            json.dump({"threads": threads}, f)
         os.replace(partial, output)
 
     return handler

@@ -1,8 +1,9 @@
 """
 Durable one-to-one throughput over loopback TLS: imkit against Mosquitto (QoS 1) on this machine.
 
-Run ``python benchmarks/bench_e2e.py`` (``--quick`` for a shorter run, ``--count N`` to choose the
-number of messages, ``--profile`` to add a py-spy profile of the imkit server).
+Run ``python benchmarks/bench_e2e.py`` (``--quick`` for one shorter run per system, ``--count N``
+for the number of messages, ``--runs R``; ``--profile`` adds a profile of the imkit server: yappi,
+CPU time per function per thread, or ``--profile py-spy``).
 
 For each system, three processes on 127.0.0.1:
 
@@ -26,13 +27,17 @@ Reported: messages per second end to end (first send to last delivery) and ackno
 machine has few cores and all processes share them: the figures are for comparison on this
 machine, not capacity planning.
 
-The Mosquitto clients use paho-mqtt (``pip install paho-mqtt``); without it only imkit runs.
+Mosquitto runs with two pairs of clients.  ``mosq/paho``: paho-mqtt (``pip install paho-mqtt``;
+skipped without it), Python like our IMClients, so the clients cost alike.  ``mosq/C``: Mosquitto's
+own ``mosquitto_pub -l -M WINDOW`` and ``mosquitto_sub``, so the clients cost little and the
+broker sets the pace; we feed the timestamped lines, at most WINDOW ahead of the deliveries.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib.util
 import json
 import os
 import shutil
@@ -55,10 +60,12 @@ from _harness import (  # noqa: E402
     Child,
     Cleanup,
     ImkitServer,
+    LoadMeter,
     Mosquitto,
     file_text,
     percentile,
     script,
+    stop_cleanly_on_sigterm,
     version,
     wait_until,
 )
@@ -139,7 +146,13 @@ class Window:
         self.last_ack = 0.0
 
     def result(self, cpu_before: float) -> dict[str, Any]:
-        return {"sent": self.sent, "acked": self.acked, "first": self.first, "last_ack": self.last_ack, "cpu": time.process_time() - cpu_before}
+        return {
+            "sent": self.sent,
+            "acked": self.acked,
+            "first": self.first,
+            "last_ack": self.last_ack,
+            "cpu": time.process_time() - cpu_before,
+        }
 
 
 def read_go_line(on_line: Callable[[str], None]) -> None:
@@ -369,6 +382,7 @@ def drive(system: str, server: Any, opts: argparse.Namespace, cleanup: Cleanup, 
     if spy is not None:
         spy.start(server.pid)
     cpu_before = server.cpu()
+    threads_before = server.thread_cpu() if hasattr(server, "thread_cpu") else (0.0, 0.0)
     assert sender.proc.stdin is not None
     sender.proc.stdin.write(b"go\n")
     sender.proc.stdin.flush()
@@ -376,12 +390,11 @@ def drive(system: str, server: Any, opts: argparse.Namespace, cleanup: Cleanup, 
     received = receiver.wait_json("done", opts.timeout + 30)
     time.sleep(0.3)  # the last delivery acknowledgements reach the server
     cpu_after = server.cpu()
+    threads_after = server.thread_cpu() if hasattr(server, "thread_cpu") else (0.0, 0.0)
     if spy is not None:
         spy.stop()
     for child in (sender, receiver):
         child.wait_exit(30)
-    if os.environ.get("BENCH_DEBUG"):
-        print(f"debug {system}: whole-process CPU sender {sender.cpu:.2f} s, receiver {receiver.cpu:.2f} s", file=sys.stderr)
     if sent["acked"] != opts.count or received["received"] != opts.count:
         raise BenchError(f"{system}: {sent['acked']} acknowledged and {received['received']} received of {opts.count}")
     if received["out_of_order"]:
@@ -398,6 +411,8 @@ def drive(system: str, server: Any, opts: argparse.Namespace, cleanup: Cleanup, 
         "sender_cpu_us": sent["cpu"] / n * 1e6,
         "receiver_cpu_us": received["cpu"] / n * 1e6,
         "server_cpu_s": cpu_after - cpu_before,
+        "server_main_cpu_us": (threads_after[0] - threads_before[0]) / n * 1e6,
+        "server_other_cpu_us": (threads_after[1] - threads_before[1]) / n * 1e6,
     }
 
 
@@ -414,7 +429,6 @@ def run_imkit(opts: argparse.Namespace, spy: Any = None) -> dict[str, Any]:
 def run_mosquitto(opts: argparse.Namespace) -> dict[str, Any]:
     with Cleanup() as cleanup:
         broker = Mosquitto(cleanup, max_inflight=opts.window)
-        broker.server = f"localhost:{broker.port}"  # type: ignore[attr-defined]
         return drive("mosquitto", broker, opts, cleanup)
 
 
@@ -429,9 +443,7 @@ def run_mosquitto_c(opts: argparse.Namespace) -> dict[str, Any]:
     with Cleanup() as cleanup:
         broker = Mosquitto(cleanup, max_inflight=opts.window)
         tls = ["-h", "localhost", "-p", str(broker.port), "--cafile", CA, "-q", "1", "-t", TOPIC]
-        sub = cleanup.child(
-            Child("mosquitto_sub", ["mosquitto_sub", *tls, "-C", str(n), "-i", "bench-sub-c"], keep_times=True)
-        )
+        sub = cleanup.child(Child("mosquitto_sub", ["mosquitto_sub", *tls, "-C", str(n), "-i", "bench-sub-c"], keep_times=True))
         wait_until(lambda: broker.subscribed("bench-sub-c", TOPIC), READY_TIMEOUT, "mosquitto_sub to subscribe")
         pub = cleanup.child(
             Child("mosquitto_pub", ["mosquitto_pub", *tls, "-l", "-M", str(opts.window), "-i", "bench-pub-c"], stdin=subprocess.PIPE)
@@ -440,14 +452,17 @@ def run_mosquitto_c(opts: argparse.Namespace) -> dict[str, Any]:
         try:
             fcntl.fcntl(pub.proc.stdin.fileno(), F_SETPIPE_SZ, 4096)
         except OSError:
-            pass  # not Linux: a larger pipe only adds latency on the Mosquitto side
+            pass  # a larger pipe only adds latency on the Mosquitto side
         wait_until(lambda: "as bench-pub-c " in file_text(broker.log_path), READY_TIMEOUT, "mosquitto_pub to connect")
         cpu_before = broker.cpu()
         first = time.time()
+
         # At most WINDOW lines written and not yet delivered: the clients' bounded window, measured
         # by delivery since mosquitto_pub does not show its acknowledgements.
-        delivered = lambda written: sub.wait_for(lambda: len(sub.lines) > written - opts.window, opts.timeout, "room in the window")  # noqa: E731
-        writer = threading.Thread(target=feed_lines, args=(pub.proc.stdin, n, opts.size, delivered), daemon=True)
+        def room(written: int) -> None:
+            sub.wait_for(lambda: len(sub.lines) > written - opts.window, opts.timeout, "room in the window")
+
+        writer = threading.Thread(target=feed_lines, args=(pub.proc.stdin, n, opts.size, room), daemon=True)
         writer.start()
         sub.wait_for(lambda: len(sub.lines) >= n, opts.timeout, f"{n} lines")
         pub.wait_exit(opts.timeout)
@@ -455,7 +470,9 @@ def run_mosquitto_c(opts: argparse.Namespace) -> dict[str, Any]:
         time.sleep(0.3)
         cpu_after = broker.cpu()
         if pub.proc.returncode or sub.proc.returncode:
-            raise BenchError(f"mosquitto_pub exited {pub.proc.returncode}, mosquitto_sub {sub.proc.returncode}:\n{pub.output_tail()}\n{sub.output_tail()}")
+            raise BenchError(
+                f"mosquitto_pub exited {pub.proc.returncode}, mosquitto_sub {sub.proc.returncode}:\n{pub.output_tail()}\n{sub.output_tail()}"
+            )
         latencies = []
         out_of_order = 0
         for expected, (line, arrived) in enumerate(zip(sub.lines, sub.times)):
@@ -536,10 +553,15 @@ class YappiProfiler:
     """
     The server run by ``_profiled_twistd.py``: yappi measures CPU time per function in every
     thread, between two SIGUSR2 (sent when the sender is told to go, and after the last delivery).
-    Deterministic profiling slows every call, small ones most: read the shares, not the absolutes.
+
+    Deterministic profiling with a CPU clock costs a few microseconds per call, so the profiled
+    server uses several times the CPU it uses otherwise, and functions called often look
+    heavier than they are.  The report scales each thread's figures down to that thread's CPU in
+    the unprofiled runs (``us/msg``), and shows calls per message, which the profiler does not
+    distort.
     """
 
-    name = "yappi, CPU clock, all threads, builtins included"
+    name = "yappi, CPU clock per thread, deterministic"
 
     def __init__(self, cleanup: Cleanup) -> None:
         self.path = os.path.join(cleanup.tempdir("imkit-profile-"), "yappi.json")
@@ -554,29 +576,41 @@ class YappiProfiler:
         os.kill(self.pid, signal.SIGUSR2)
         wait_until(lambda: os.path.exists(self.path), 60, "the profile to be written")
 
-    def report(self, count: int, top: int = 20) -> str:
+    def report(self, count: int, real: dict[str, Any], top: int = 20) -> str:
         with open(self.path) as f:
-            data = json.load(f)
-        total = sum(thread["cpu"] for thread in data["threads"])
-        own: Counter[str] = Counter()
-        inclusive: Counter[str] = Counter()
-        calls: Counter[str] = Counter()
-        for function in data["functions"]:
-            name = short(f"{function['name']} ({function['module']}:{function['line']})")
-            own[name] += function["own"]
-            inclusive[name] = max(inclusive[name], function["inclusive"])
-            calls[name] += function["calls"]
-        us = 1e6 / count
+            threads = [t for t in json.load(f)["threads"] if t["cpu"] > 0]
+        profiled = sum(t["cpu"] for t in threads)
         lines = [
-            f"{total:.2f} CPU seconds under the profiler = {total * us:.1f} us per message; by thread: "
-            + ", ".join(f"{t['name']} {t['cpu'] * 100 / total:.0f}%" for t in sorted(data["threads"], key=lambda t: -t["cpu"]) if total),
+            f"profiled CPU {profiled / count * 1e6:.1f} us/msg, {profiled * 1e6 / count / real['server_cpu_us']:.1f} times the "
+            f"{real['server_cpu_us']:.1f} us/msg measured without the profiler; "
+            "us/msg below are scaled to each thread's unprofiled CPU; % is of the thread's profiled CPU"
         ]
-        for title, table in (("own time (the function itself, not its callees)", own), ("inclusive time (the function and its callees)", inclusive)):
-            lines += ["", f"top {top} by {title}", f"{'us/msg':>8}{'%':>7}{'calls/msg':>11}  function"]
+        for thread in sorted(threads, key=lambda t: -t["cpu"]):
+            if thread["cpu"] < 0.05 * profiled:
+                continue
+            unprofiled = real["server_main_cpu_us"] if thread["main"] else real["server_other_cpu_us"]
+            scale = unprofiled / (thread["cpu"] / count * 1e6)  # profiled us/msg -> unprofiled us/msg
+            own: Counter[str] = Counter()
+            inclusive: Counter[str] = Counter()
+            calls: Counter[str] = Counter()
+            for function in thread["functions"]:
+                name = short(f"{function['name']} ({function['module']}:{function['line']})")
+                own[name] += function["own"]
+                inclusive[name] = max(inclusive[name], function["inclusive"])
+                calls[name] += function["calls"]
             lines += [
-                f"{seconds * us:>8.2f}{seconds * 100 / total:>7.1f}{calls[name] / count:>11.2f}  {name}"
-                for name, seconds in table.most_common(top)
+                "",
+                f"thread {thread['name']}: {thread['cpu'] * 100 / profiled:.0f}% of the profiled CPU; "
+                f"{unprofiled:.1f} us/msg unprofiled{' (with the other non-reactor threads)' if not thread['main'] else ''}; "
+                f"{sum(calls.values()) / count:.1f} Python calls per message",
             ]
+            rows = top if thread["main"] else max(10, top // 2)
+            for title, table in (("own time", own), ("inclusive time", inclusive)):
+                lines += [f"  top {rows} by {title}", f"  {'us/msg':>8}{'%':>7}{'calls/msg':>11}  function"]
+                lines += [
+                    f"  {seconds / count * 1e6 * scale:>8.2f}{seconds * 100 / thread['cpu']:>7.1f}{calls[name] / count:>11.2f}  {name}"
+                    for name, seconds in table.most_common(rows)
+                ]
         return "\n".join(lines)
 
 
@@ -617,13 +651,13 @@ class PySpyProfiler:
             self.proc.kill()
             self.proc.wait(5)
 
-    def report(self, count: int, top: int = 20) -> str:
+    def report(self, count: int, real: dict[str, Any], top: int = 20) -> str:
         stacks = []
         with open(self.path) as f:
             for line in f:
-                frames, _, number = line.rstrip("\n").rpartition(" ")
-                if frames:
-                    stacks.append((frames.split(";"), int(number)))
+                stack, _, number = line.rstrip("\n").rpartition(" ")
+                if stack:
+                    stacks.append((stack.split(";"), int(number)))
         total = sum(n for _, n in stacks)
         if not total:
             return "py-spy recorded no samples"
@@ -661,19 +695,18 @@ def short(frame: str) -> str:
     return f"{name} ({where})" if where else name
 
 
-def profile_imkit(opts: argparse.Namespace) -> str:
+def profile_imkit(opts: argparse.Namespace, real: dict[str, Any]) -> str:
+    """Profile the server in a run of its own; ``real`` is an unprofiled run, to scale against."""
     with Cleanup() as cleanup:
         profiler: YappiProfiler | PySpyProfiler
         if opts.profile == "py-spy":
             profiler = PySpyProfiler(cleanup, opts.profile_rate)
         else:
-            try:
-                import yappi  # noqa: F401
-            except ImportError:
-                raise BenchError("--profile needs yappi: pip install yappi (or use --profile py-spy)") from None
+            if importlib.util.find_spec("yappi") is None:  # the profiled server imports it
+                raise BenchError("--profile needs yappi: pip install yappi (or use --profile py-spy)")
             profiler = YappiProfiler(cleanup)
         result = run_imkit(opts, profiler)
-        report = profiler.report(opts.count)
+        report = profiler.report(opts.count, real)
         if opts.profile_output:
             shutil.copyfile(profiler.path, opts.profile_output)
             report += f"\n(raw profile saved to {opts.profile_output})"
@@ -694,7 +727,9 @@ def parse(argv: list[str] | None) -> tuple[str | None, argparse.Namespace]:
     parser.add_argument("--count", type=int, default=None, help="messages per run (default 20000, --quick 5000)")
     parser.add_argument("--window", type=int, default=1000, help="unacknowledged messages at most (default 1000)")
     parser.add_argument("--size", type=int, default=100, help="message body bytes (default 100)")
-    parser.add_argument("--runs", type=int, default=1, help="runs per system; the run with the median rate is shown (default 1)")
+    parser.add_argument(
+        "--runs", type=int, default=None, help="runs per system; the run with the median rate is shown (default 3, --quick 1)"
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds a run may take at most (default: from --count)")
     parser.add_argument("--quick", action="store_true", help="fewer messages")
     parser.add_argument("--no-mosquitto", action="store_true", help="run imkit only")
@@ -711,6 +746,8 @@ def parse(argv: list[str] | None) -> tuple[str | None, argparse.Namespace]:
     opts = parser.parse_args(argv[1:] if role else argv)
     if opts.count is None:
         opts.count = 5000 if opts.quick else 20000
+    if opts.runs is None:
+        opts.runs = 1 if opts.quick or role else 3
     if opts.count < 1 or opts.window < 1 or opts.size < 32 or opts.runs < 1:
         parser.error("--count, --window and --runs must be positive and --size at least 32")
     if opts.timeout is None:
@@ -723,45 +760,61 @@ def main(argv: list[str] | None = None) -> int:
     if role is not None:
         ROLES[role](opts)
         return 0
+    stop_cleanly_on_sigterm()
     try:
-        import paho.mqtt  # noqa: F401
+        import paho.mqtt
 
-        have_paho = True
+        paho_version: str | None = getattr(paho.mqtt, "__version__", "?")
     except ImportError:
-        have_paho = False
+        paho_version = None
     print(
         f"durable 1:1 messages over loopback TLS: {opts.count:,} messages of {opts.size} bytes, "
         f"at most {opts.window} unacknowledged, {os.cpu_count()} CPUs shared by server and both clients"
     )
     print(f"imkit: twistd -n imkit, SQLite store (commit before ack); clients: IMClient; Python {sys.version.split()[0]}")
+    load = LoadMeter()
     try:
-        imkit = median_run([run_imkit(opts) for _ in range(opts.runs)])
-        others: list[tuple[str, dict[str, Any]]] = []
+        systems: list[tuple[str, Callable[[argparse.Namespace], dict[str, Any]]]] = [("imkit", run_imkit)]
         if not opts.no_mosquitto:
             print(
                 f"mosquitto: {version(['mosquitto', '-h'])}, our own broker with a TLS listener, QoS 1, persistence on, "
                 f"max_inflight_messages {opts.window}, max_queued_messages 0 (no limit)"
             )
-            if have_paho:
-                import paho.mqtt
-
-                print(f"  mosq/paho: clients are paho-mqtt {getattr(paho.mqtt, '__version__', '?')} (Python, MQTT 3.1.1), as our IMClients are Python")
-                others.append(("mosq/paho", median_run([run_mosquitto(opts) for _ in range(opts.runs)])))
+            if paho_version is not None:
+                print(f"  mosq/paho: clients are paho-mqtt {paho_version} (Python, MQTT 3.1.1), as our IMClients are Python")
+                systems.append(("mosq/paho", run_mosquitto))
             else:
                 print("  mosq/paho: skipped, paho-mqtt is not installed (pip install paho-mqtt)")
             print(f"  mosq/C: clients are mosquitto_pub -l -M {opts.window} and mosquitto_sub (C); sender CPU from rusage")
-            others.append(("mosq/C", median_run([run_mosquitto_c(opts) for _ in range(opts.runs)])))
+            systems.append(("mosq/C", run_mosquitto_c))
+        # Interleaved, so a change in the machine's background load touches every system alike.
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in systems}
+        for _ in range(opts.runs):
+            for name, run in systems:
+                results[name].append(run(opts))
+        imkit = median_run(results["imkit"])
+        others = [(name, median_run(results[name])) for name, _ in systems[1:]]
+        if opts.runs > 1:
+            print(
+                "end-to-end msg/s per run: "
+                + "; ".join(f"{name} " + ", ".join(f"{r['e2e_rate']:,.0f}" for r in runs) for name, runs in results.items())
+            )
         print()
         print(format_table(imkit, others))
         print(
-            "\nend to end: first send to last delivery; acknowledged: first send to last ack; latency: receiver's "
+            f"\nimkit server CPU by thread: reactor {imkit['server_main_cpu_us']:.1f} us/msg, "
+            f"SQLite writer and other threads {imkit['server_other_cpu_us']:.1f} us/msg"
+        )
+        print(
+            "end to end: first send to last delivery; acknowledged: first send to last ack; latency: receiver's "
             "clock minus the send time in the body; CPU: user+system seconds over the timed part, per message"
         )
         if others:
             print(f"note: {MOSQUITTO_NOTE}")
+        print(load.describe())
         if opts.profile:
             print()
-            print(profile_imkit(opts))
+            print(profile_imkit(opts, imkit))
     except BenchError as error:
         print(f"bench_e2e: {error}", file=sys.stderr)
         return 1

@@ -66,7 +66,7 @@ DUPLICATE = "duplicate"
 DELAY = "delay"
 
 LATENCY = 0.01
-"""One-way latency of every frame, before any fault delay."""
+"""One-way latency of a frame, before any fault delay (unless the World is given others)."""
 
 EPOCH = 1_000_000.0
 """Simulated time starts here (a non-zero clock catches code that confuses times and durations)."""
@@ -399,9 +399,10 @@ class Link:
             world.trace.append(Trace(now, self.label, direction, self.number, kind, frame[5], action, delay, frame[8:]))
             if action == DROP or action.startswith("lost"):
                 continue
-            self._push(now + LATENCY + (delay if action == DELAY else 0.0), direction, frame)
+            latency = world.latency.get(self.label, LATENCY)
+            self._push(now + latency + (delay if action == DELAY else 0.0), direction, frame)
             if action == DUPLICATE:
-                self._push(now + LATENCY + delay, direction, frame)
+                self._push(now + latency + delay, direction, frame)
 
     def _push(self, due: float, direction: str, frame: bytes) -> None:
         heapq.heappush(self._flight, (due, next(self.world.order), direction, frame))
@@ -476,6 +477,7 @@ class World:
         client_settings: ClientSettings = ClientSettings(send_timeout=None),
         faults: FaultPlan | None = None,
         reconnect_delay: float = 1.0,
+        latency: dict[str, float] | None = None,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(EPOCH)
@@ -483,6 +485,8 @@ class World:
         self.client_settings = client_settings
         self.faults = faults or FaultPlan()
         self.reconnect_delay = reconnect_delay
+        self.latency = latency or {}
+        """One-way latency per device label (LATENCY for the others)."""
         self.store = MemoryStore()
         self.passwords = Passwords.fast_for_tests()
         for user in users:
@@ -491,6 +495,7 @@ class World:
                 _HASHES[password] = _fired(self.passwords.hash(password))
             _fired(self.store.add_user(user, _HASHES[password]))
         self.server_failures: list[str] = []
+        """What the hub logged as errors, and server cursors found ahead of their device."""
         self.hub = self._new_hub()
         self.server_up = True
         self.restarts = 0
@@ -598,6 +603,10 @@ class World:
                 self.abandoned.add((label, sent.client_msg_id))
         if delivered is None:
             starts = _fired(self.store.cursors(device.user, device.name))
+            for conversation, seq in starts.items():
+                got = max((m.seq for app in device.apps for m in app.messages() if m.conversation == conversation), default=0)
+                if seq > got:
+                    self.server_failures.append(f"{label}'s cursor in {conversation} is {seq}, but it only got {got}")
         else:
             starts = dict(delivered)
         device.apps.append(AppLog(starts=starts))
@@ -813,7 +822,8 @@ class World:
            a gap-free part of it from there;
         4. a bundle was split across deliveries or interleaved with other messages;
         5. a send was not acknowledged (or was rejected, or expired);
-        6. a server id names two different messages, or an ack disagrees with what was stored;
+        6. a server id names two different messages, an ack disagrees with what was stored, or a
+           send was stored more than once (or something nobody sent was stored);
 
         plus anything the hub logged as a failure, and login rejections for a right password.
         Sends that died with a restarted application are not expected to be acknowledged (5), but
@@ -858,12 +868,16 @@ class World:
                     problems.append(f"(6) {sent.device}: ack {ack} item {index} does not match the store ({m})")
                 else:
                     acked[(m.conversation, m.seq)] = m
-        # Every message stored must come from a send made exactly once.
-        origins = Counter((s.device, s.client_msg_id) for s in self.sent)
-        for conversation, messages in stored.items():
-            for m in messages:
-                if origins[(f"{m.sender}/{m.sender_device}", m.client_msg_id)] != 1:
-                    problems.append(f"(6) stored {m} comes from no send (or several)")
+        # Every stored message comes from a send, and every send is stored at most once.
+        sizes = {(s.device, s.client_msg_id): len(s.items) for s in self.sent}
+        copies = Counter(
+            (f"{m.sender}/{m.sender_device}", m.client_msg_id) for messages in stored.values() for m in messages
+        )
+        for (label, cmid), count in sorted(copies.items()):
+            if label == "?" or (label, cmid) not in sizes:
+                problems.append(f"(6) the store holds messages from {label} {cmid}, which nobody sent")
+            elif count != sizes[(label, cmid)]:
+                problems.append(f"(6) the store holds {count} messages from {label}'s send {cmid} of {sizes[(label, cmid)]}")
 
         for device in self.devices.values():
             seen: set[tuple[str, int]] = set()
@@ -875,7 +889,7 @@ class World:
             lost = sorted(key for key in acked if key not in seen and device.user in members[key[0]])
             if lost:
                 problems.append(f"(1) {device.label} never got acknowledged messages {lost}")
-        problems.extend(f"hub failure: {f}" for f in self.server_failures)
+        problems.extend(f"server: {f}" for f in self.server_failures)
         return problems
 
     def _check_run(

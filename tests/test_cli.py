@@ -226,6 +226,18 @@ class LineReaderTests(TestCase):
             lines.extend(chunk)
         self.assertEqual(lines, [b"one", b"two", b"", b"three"])
 
+    @defer.inlineCallbacks
+    def test_endless_line(self) -> Any:
+        from twisted.internet import reactor
+
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        os.write(write_end, b"x" * 2000)
+        os.close(write_end)
+        with self.assertRaises(cli.CommandFailed) as caught:
+            yield defer.ensureDeferred(cli.LineReader(reactor, read_end, max_line=1000).next_lines())
+        self.assertIn("longer than the largest message (1000 bytes)", str(caught.exception))
+
 
 class MainProcessTests(ScratchDirectory, SynchronousTestCase):
     """The console script end to end, in a child process (react() exits the process)."""

@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 
 from imkit.model import direct_conversation
 from imkit.session.settings import ClientSettings, ServerSettings
-from imkit.wire import codec, schema
+from imkit.wire import schema
+from imkit.wire.errors import ErrorCode
 from simulation import (
     DELAY,
     DELIVER,
@@ -39,6 +40,7 @@ from simulation import (
     DROP,
     DUPLICATE,
     EPOCH,
+    KIND_NAMES,
     LATENCY,
     UP,
     FaultPlan,
@@ -114,9 +116,15 @@ class Storm:
     """Deliveries in flight per connection (2 makes the server fall back to Heads and sync)."""
     sync_page: int = 500
     """Messages per sync answer (2 makes every sync paginate)."""
+    max_frame: int = schema.DEFAULT_MAX_FRAME
+    """The server's frame limit; half of it bounds a sync answer (4096: about 7 messages)."""
+    slow: tuple[int, ...] = ()
+    """Devices whose link has four times the latency (so that replies cross differently)."""
 
 
 times = st.integers(0, int(STORM * 4) - 1).map(lambda quarter: quarter / 4)
+moments = st.tuples(times, st.sampled_from((0.0, 0.005, 0.015, 0.025))).map(sum)
+"""Cuts and restarts also fall between a send and its ack (one-way latency is 0.01 s)."""
 ops = st.builds(
     Op,
     at=times,
@@ -141,8 +149,8 @@ noises = st.builds(
     delay=st.sampled_from((0, 20, 50, 100, 200)),
     delays=st.just(DELAYS),
 )
-cuts = st.tuples(times, st.integers(0, 7), st.booleans())
-restarts = st.tuples(times, st.sampled_from((0.0, 0.0, 3.0, 20.0)))
+cuts = st.tuples(moments, st.integers(0, 7), st.booleans())
+restarts = st.tuples(moments, st.sampled_from((0.0, 0.0, 3.0, 20.0)))
 
 
 @st.composite
@@ -156,6 +164,8 @@ def storms(draw, frame_level: bool = True, connection_level: bool = True) -> Sto
         ops=tuple(draw(st.lists(ops, min_size=1, max_size=12))),
         max_unacked=draw(st.sampled_from((10_000, 10_000, 2))),
         sync_page=draw(st.sampled_from((500, 500, 2))),
+        max_frame=draw(st.sampled_from((schema.DEFAULT_MAX_FRAME, 4096))),
+        slow=tuple(draw(st.lists(st.integers(0, 7), max_size=2))),
     )
     if frame_level:
         storm = attrs.evolve(
@@ -168,7 +178,7 @@ def storms(draw, frame_level: bool = True, connection_level: bool = True) -> Sto
             storm,
             cuts=tuple(draw(st.lists(cuts, max_size=3))),
             restarts=tuple(draw(st.lists(restarts, max_size=2))),
-            crashes=tuple(draw(st.lists(st.tuples(times, st.integers(0, 7), st.booleans()), max_size=2))),
+            crashes=tuple(draw(st.lists(st.tuples(moments, st.integers(0, 7), st.booleans()), max_size=2))),
         )
     return storm
 
@@ -189,9 +199,10 @@ def simulate(storm: Storm) -> World:
     )
     world = World(
         users,
-        ServerSettings(max_unacked=storm.max_unacked, sync_page=storm.sync_page),
+        ServerSettings(max_unacked=storm.max_unacked, sync_page=storm.sync_page, max_frame=storm.max_frame),
         ClientSettings(send_timeout=None, sync_page=storm.sync_page),
         faults=faults,
+        latency={labels[device % len(labels)]: 4 * LATENCY for device in storm.slow},
     )
     for label, join in zip(labels, storm.joins):
         world.at(start + join, f"{label} comes online", lambda label=label: world.connect(label))
@@ -483,4 +494,30 @@ def test_lost_heads_are_resent_until_the_client_has_caught_up() -> None:
     gap = world.frames("ann/d1", UP, schema.SYNC)[-1].packet()
     assert [(c.conversation, c.seq) for c in gap.cursors] == [(ANN_BOB, 2)]
     assert bodies(world, "ann/d1") == [b"m1", b"m2", b"m3"]
+    assert world.violations() == []
+
+
+def test_silent_cut_is_found_by_both_idle_timeouts() -> None:
+    """
+    A connection that silently stops carrying anything (a dead NAT entry; nobody gets a reset)
+    is closed by each side on its own: the server after ``idle_timeout`` (90 s) with no frame from
+    the client, the client after three heartbeat intervals (90 s) with no frame from the server,
+    its pings unanswered.  The client reconnects after its delay and syncs what it missed.
+    """
+    world = online_world()
+    world.cut("ann/d1", silent=True)
+    world.send("bob/d1", "ann", b"still there?")
+    assert world.settle_down()
+
+    old_up = [t for t in world.trace if t.device == "ann/d1" and t.connection == 1 and t.direction == UP]
+    old_down = [t for t in world.trace if t.device == "ann/d1" and t.connection == 1 and t.direction == DOWN]
+    heard_from_client = max(t.at for t in old_up if t.delivered) + LATENCY
+    heard_from_server = max(t.at for t in old_down if t.delivered) + LATENCY
+    assert [KIND_NAMES[t.kind] for t in old_up if not t.delivered] == ["PING"] * 3  # one per heartbeat
+    error = old_down[-1]
+    assert (KIND_NAMES[error.kind], error.at) == ("ERROR", approx(heard_from_client + 90.0))
+    assert error.packet().code == ErrorCode.IDLE_TIMEOUT
+    (hello,) = world.frames("ann/d1", UP, schema.HELLO)[1:]
+    assert (hello.connection, hello.at) == (2, approx(heard_from_server + 90.0 + world.reconnect_delay))
+    assert bodies(world, "ann/d1") == [b"still there?"]
     assert world.violations() == []

@@ -32,6 +32,7 @@ from twisted.logger import (
 from imkit.client import ClientSettings, IMClient, IMClientError, LoginFailed, Message, Receipt, SendTimeout
 from imkit.client.endpoint import development_ca, tls_endpoint
 from imkit.tls import TLSConfigError
+from imkit.wire.schema import DEFAULT_MAX_FRAME
 
 DEFAULT_STORE = "sqlite:imkit.sqlite3"
 DEFAULT_SERVER = "localhost:14000"
@@ -325,9 +326,10 @@ class LineReader:
     and piped input in large chunks.
     """
 
-    def __init__(self, reactor: Any, fd: int) -> None:
+    def __init__(self, reactor: Any, fd: int, max_line: int = DEFAULT_MAX_FRAME) -> None:
         self._reactor = reactor
         self._fd = fd
+        self._max_line = max_line
         self._requests: queue.SimpleQueue[defer.Deferred[bytes]] = queue.SimpleQueue()
         self._partial = b""
         self._ended = False
@@ -355,6 +357,8 @@ class LineReader:
                 self._ended = True
                 break
             *lines, self._partial = (self._partial + data).split(b"\n")
+            if len(self._partial) > self._max_line:
+                raise CommandFailed(f"a line of standard input is longer than the largest message ({self._max_line} bytes)")
             if lines:
                 return [line[:-1] if line.endswith(b"\r") else line for line in lines]
         if self._partial:
