@@ -216,6 +216,7 @@ class AppLog:
     starts: dict[str, int] = attrs.Factory(dict)
     batches: list[tuple[Message, ...]] = attrs.Factory(list)
     acks: dict[int, Any] = attrs.Factory(dict)
+    rejected: dict[int, Any] = attrs.Factory(dict)
     problems: list[str] = attrs.Factory(list)
     logins: int = 0
     caught_up: int = 0
@@ -332,7 +333,7 @@ class Device:
                     app.problems.append(f"{self.label}: send {event.client_msg_id} acknowledged twice")
                 app.acks[event.client_msg_id] = event.ack
             elif kind is events.SendRejected:
-                app.problems.append(f"{self.label}: send {event.client_msg_id} rejected: {event.ack}")
+                app.rejected[event.client_msg_id] = event.ack
             elif kind is events.SendExpired:
                 app.problems.append(f"{self.label}: send {event.client_msg_id} expired")
             elif kind is events.LoggedIn:
@@ -849,7 +850,10 @@ class World:
             device = self.devices[sent.device]
             ack = device.acked(sent.client_msg_id)
             if ack is None:
-                if (sent.device, sent.client_msg_id) not in self.abandoned:
+                rejected = [app.rejected[sent.client_msg_id] for app in device.apps if sent.client_msg_id in app.rejected]
+                if rejected:
+                    problems.append(f"(5) {sent.device}'s send {sent.client_msg_id} was rejected: {rejected[0]}")
+                elif (sent.device, sent.client_msg_id) not in self.abandoned:
                     problems.append(f"(5) {sent.device} never got an ack for send {sent.client_msg_id} made at {sent.at - EPOCH:.3f}")
                 continue
             if ack.status != 0 or ack.conversation != sent.conversation or ack.count != len(sent.items):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 
 import attrs
+import pytest
 from pytest import approx
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
@@ -521,3 +522,26 @@ def test_silent_cut_is_found_by_both_idle_timeouts() -> None:
     assert (hello.connection, hello.at) == (2, approx(heard_from_server + 90.0 + world.reconnect_delay))
     assert bodies(world, "ann/d1") == [b"still there?"]
     assert world.violations() == []
+
+
+def test_send_over_the_servers_frame_limit_is_refused_not_retried_for_ever() -> None:
+    """
+    A server drops the connection on a frame over its limit (``HelloOk.max_frame``).  A send
+    queued before the client knew that limit, and too large for it, is refused with TOO_LARGE at
+    login instead of being resent on every reconnect and blocking the sends behind it; once the
+    limit is known, ``send`` refuses such a message at once.  (Found while reviewing the
+    simulation: it used to reconnect every second for ever.)
+    """
+    world = World({"ann": 1, "bob": 1}, ServerSettings(max_frame=4096))
+    world.connect("bob/d1")
+    big = world.send("ann/d1", "bob", b"x" * 5000)
+    world.send("ann/d1", "bob", b"small")
+    world.connect("ann/d1")
+    assert world.settle_down()
+
+    app = world.device("ann/d1").app
+    assert app.logins == 1
+    assert list(app.rejected) == [big] and app.rejected[big].status == ErrorCode.TOO_LARGE
+    assert bodies(world, "bob/d1") == [b"small"]
+    with pytest.raises(ValueError):
+        world.send("ann/d1", "bob", b"x" * 5000)

@@ -3,7 +3,7 @@ The ``imkit`` command: manage users, send messages, listen for them.
 
 Usage errors are one line naming the fix, with exit status 2; failures at run time (a refused
 login, a refused or unacknowledged message) are one line with exit status 1.  ``send`` and
-``listen`` print one JSON object per line on standard output, flushed as they happen, so scripts
+``listen`` print one JSON object per line on standard output, flushed at the end of each reactor turn (so at once, but one write per burst), so scripts
 can read them as a stream.
 """
 
@@ -25,6 +25,7 @@ from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    Logger,
     globalLogBeginner,
     textFileLogObserver,
 )
@@ -37,6 +38,7 @@ from imkit.wire.schema import DEFAULT_MAX_FRAME
 DEFAULT_STORE = "sqlite:imkit.sqlite3"
 DEFAULT_SERVER = "localhost:14000"
 MAX_IN_FLIGHT = 1000
+_log = Logger("imkit")
 """Messages ``imkit send`` keeps unacknowledged at most, so a huge input never sits in memory."""
 
 Job = Callable[[Any], Awaitable[None]]
@@ -392,6 +394,7 @@ async def send_all(
     unacknowledged; print one JSON line per acknowledgement, in send order.  Raises the first
     failure (after stopping the client).
     """
+    flusher = _TurnFlush(reactor, out)
     window: deque[_Outcome] = deque()
     room = defer.DeferredSemaphore(max_in_flight)
     failed: list[BaseException] = []
@@ -419,7 +422,7 @@ async def send_all(
             receipt = outcome.receipt
             assert receipt is not None
             out.write(json.dumps({"id": receipt.server_id, "conversation": receipt.conversation, "seq": receipt.seq}) + "\n")
-            out.flush()
+            flusher.soon()
         if failed:
             for wake in wake_reader:
                 if not wake.called:
@@ -454,6 +457,7 @@ async def send_all(
             done.callback(None)
         await done
     finally:
+        flusher.now()
         reactor.removeSystemEventTrigger(trigger)
         await client.stopService()
     if failed:
@@ -463,6 +467,28 @@ async def send_all(
                 f"could not log in within {error.timeout:g} seconds; is the server running, and is --server right?"
             )
         raise error
+
+
+class _TurnFlush:
+    """
+    Flushes an output at the end of the reactor turn, however often ``soon`` is called in it:
+    a burst of acks or messages costs one write, not one per line.
+    """
+
+    def __init__(self, reactor: Any, out: Any) -> None:
+        self._reactor = reactor
+        self._out = out
+        self._call: Any = None
+
+    def soon(self) -> None:
+        if self._call is None:
+            self._call = self._reactor.callLater(0, self.now)
+
+    def now(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._out.flush()
 
 
 class _Outcome:
@@ -506,6 +532,7 @@ def message_json(message: Message) -> str:
 
 async def listen_until(reactor: Any, client: IMClient, out: Any, *, count: int | None = None, idle_exit: float | None = None) -> None:
     """Print every message until ``count`` were printed, ``idle_exit`` seconds passed without one, or the login fails."""
+    flusher = _TurnFlush(reactor, out)
     finished: defer.Deferred[None] = defer.Deferred()
     stopping: list[defer.Deferred[None]] = []
     idle: list[Any] = []
@@ -527,7 +554,7 @@ async def listen_until(reactor: Any, client: IMClient, out: Any, *, count: int |
         if finished.called:
             return
         out.write(message_json(message) + "\n")
-        out.flush()
+        flusher.soon()
         printed += 1
         if count is not None and printed >= count:
             finish()
@@ -535,6 +562,7 @@ async def listen_until(reactor: Any, client: IMClient, out: Any, *, count: int |
             idle[0].reset(idle_exit)
 
     def caught_up(_: Any) -> None:
+        _log.info("caught up: every message stored before the login has been shown")
         if idle_exit is not None and not finished.called:
             idle.append(reactor.callLater(idle_exit, finish))
 
@@ -546,6 +574,7 @@ async def listen_until(reactor: Any, client: IMClient, out: Any, *, count: int |
     try:
         outcome = await finished
     finally:
+        flusher.now()
         reactor.removeSystemEventTrigger(trigger)
     await stopping[0]
     if outcome is not None:

@@ -104,7 +104,9 @@ class IMClient(Service):
         self.device = device
         self.settings = settings
         self._reactor = reactor
-        self._rng = rng if rng is not None else random.SystemRandom()
+        # Client message ids need to be unique, not secret: a generator seeded once from the OS
+        # costs far less per message than asking the OS every time.
+        self._rng = rng if rng is not None else random.Random(random.SystemRandom().getrandbits(128))
         self._core = ClientCore(
             reactor, user, password, device, settings, delivered={} if state_path is not None else None, rng=self._rng
         )

@@ -89,6 +89,7 @@ class ClientCore:
         self._out: list[bytes] = []
         self._reader = FrameReader(settings.max_frame)
         self._heartbeat = 30.0
+        self._server_max_frame: int | None = None
         self._requests: dict[int, str | None] = {}
         self._request_ids = 0
         self._syncing = False
@@ -127,13 +128,18 @@ class ClientCore:
 
     def _queue(self, cmid: int, packet: Any) -> None:
         frame = codec.encode(packet)
-        if len(frame) - schema.LENGTH_SIZE > self.settings.max_frame:
+        if len(frame) - schema.LENGTH_SIZE > self._frame_limit():
             raise ValueError(f"message of {len(frame)} bytes is larger than the frame limit")
         self._outbox[cmid] = _Pending(packet, frame)
         if self.settings.send_timeout is not None:
             self._expiry.set(cmid, self.clock.seconds() + self.settings.send_timeout)
         if self.state == READY:
             self._transmit(cmid, self._outbox[cmid])
+
+    def _frame_limit(self) -> int:
+        """The largest frame we may send: ours, and the server's once a HelloOk has told us."""
+        server = self._server_max_frame
+        return self.settings.max_frame if server is None else min(self.settings.max_frame, server)
 
     def _transmit(self, cmid: int, pending: _Pending) -> None:
         frame = pending.frame
@@ -218,6 +224,7 @@ class ClientCore:
         elif kind == schema.HELLO_OK:
             self._heartbeat = packet.heartbeat_ms / 1000 or 30.0
             self._reader.max_frame = min(self.settings.max_frame, max(packet.max_frame, 1024))
+            self._server_max_frame = packet.max_frame
             self.state = AWAIT_LOGIN_RESULT
             secret = self._password.encode("utf-8")
             self._write(codec.encode(packets.Login(schema.LOGIN_PASSWORD, self.user, self.device, secret)))
@@ -229,7 +236,15 @@ class ClientCore:
             self.state = READY
             found.append(events.LoggedIn(self.user, self.device, packet.server_time))
             for cmid, pending in list(self._outbox.items()):
-                self._transmit(cmid, pending)
+                if len(pending.frame) - schema.LENGTH_SIZE > self._frame_limit():
+                    # The server drops the connection on a frame over its limit, on every
+                    # reconnect: refuse it here, or it blocks every send behind it for ever.
+                    del self._outbox[cmid]
+                    self._expiry.discard(cmid)
+                    reason = f"message of {len(pending.frame)} bytes is larger than the server's frame limit"
+                    found.append(events.SendRejected(cmid, packets.SendAck(cmid, int(ErrorCode.TOO_LARGE), 0, 0, 0, 0, "", reason)))
+                else:
+                    self._transmit(cmid, pending)
             self._syncing = True
             self._request_sync(None)
         elif kind in (schema.ERROR, schema.BYE):

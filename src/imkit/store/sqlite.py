@@ -7,9 +7,11 @@ one transaction with one commit, and hands every result back to the reactor with
 ``callFromThread``.  Committing a whole batch at once is what keeps durable storage from capping
 throughput: a thousand appends waiting together cost one commit, not a thousand.
 
-Each operation runs inside its own SAVEPOINT, so one that fails (a taken user name, say) is rolled
-back and fails only its own Deferred, not the rest of the batch.  Sequence numbers and dedupe are
-decided inside the worker's transaction; the worker is the only process that writes messages (the
+Runs of appends are written with one ``executemany`` per table, numbered from the worker's cache
+of conversation heads; anything else runs in its own SAVEPOINT, so one that fails (a taken user
+name, say) is rolled back and fails only its own Deferred.  A batch that meets something unusual
+(a resend whose dedupe record exists) is rolled back and run again with every operation in its own
+savepoint.  Sequence numbers and dedupe are decided inside the worker's transaction; the worker is the only process that writes messages (the
 ``imkit user`` CLI opens the same file but only ever writes users), and SQLite's busy timeout lets
 the two take turns on the write lock.
 """
@@ -287,6 +289,88 @@ class _Operation:
     deferred: defer.Deferred
 
 
+class _SlowPath(Exception):
+    """The fast way of running a batch hit something unusual: run it the careful way."""
+
+
+@attrs.define
+class _AppendCache:
+    """
+    What the worker remembers between batches so an append needs no reads: each conversation's
+    head and members, and the next server id.  Valid because this worker is the only writer of
+    messages; dropped whenever a batch is rolled back.
+    """
+
+    heads: dict[str, int] = attrs.Factory(dict)
+    members: dict[str, set[str]] = attrs.Factory(dict)
+    next_server_id: int | None = None
+
+
+def _append_run(connection: sqlite3.Connection, cache: _AppendCache, submissions: list[Submission]) -> list[Appended]:
+    """
+    Append many submissions with one statement per table.  A duplicate makes the dedupe insert
+    fail (primary key), which sends the whole batch down the careful path that answers it.
+    """
+    if cache.next_server_id is None:
+        row = connection.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        cache.next_server_id = (row[0] if row else 0) + 1
+    heads = cache.heads
+    known_members = cache.members
+    server_id = cache.next_server_id
+    rows: list[tuple] = []
+    dedupe_rows: list[tuple] = []
+    touched: dict[str, int] = {}
+    results: list[Appended] = []
+    for submission in submissions:
+        conversation = submission.conversation
+        head = heads.get(conversation)
+        if head is None:
+            row = connection.execute("SELECT head_seq FROM conversations WHERE id = ?", (conversation,)).fetchone()
+            if row is None:
+                connection.execute("INSERT INTO conversations (id, head_seq) VALUES (?, 0)", (conversation,))
+                head = 0
+            else:
+                head = row[0]
+        members = known_members.get(conversation)
+        if members is None:
+            members = known_members[conversation] = set()
+        missing = [member for member in submission.members if member not in members]
+        if missing:
+            connection.executemany(
+                "INSERT OR IGNORE INTO members (conversation, user) VALUES (?, ?)",
+                [(conversation, member) for member in missing],
+            )
+            members.update(missing)
+        sender, device, sent_at = submission.sender, submission.sender_device, submission.sent_at
+        client_msg_id = submission.client_msg_id
+        signed_id = _to_signed(client_msg_id)
+        count = len(submission.items)
+        messages = []
+        for index, item in enumerate(submission.items):
+            body = bytes(item.body)
+            remaining = count - 1 - index
+            seq = head + 1 + index
+            rows.append((server_id, conversation, seq, sender, device, signed_id, sent_at, item.content_type, body, remaining))
+            messages.append(
+                Message(server_id, conversation, seq, sender, device, client_msg_id, sent_at, item.content_type, body, remaining)
+            )
+            server_id += 1
+        dedupe_rows.append((sender, device, signed_id, conversation, head + 1, count))
+        heads[conversation] = touched[conversation] = head + count
+        results.append(Appended(messages=tuple(messages)))
+    connection.executemany(
+        "INSERT INTO dedupe (sender, sender_device, client_msg_id, conversation, first_seq, count)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        dedupe_rows,
+    )
+    connection.executemany(f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    connection.executemany(
+        "UPDATE conversations SET head_seq = ? WHERE id = ?", [(head, conv) for conv, head in touched.items()]
+    )
+    cache.next_server_id = server_id
+    return results
+
+
 _CLOSE = object()  # queued by close(): the worker finishes what is ahead of it, then stops
 
 
@@ -334,6 +418,7 @@ class SQLiteStore:
         self._state = "new"
         self._opening: defer.Deferred | None = None
         self._closing: list[defer.Deferred] = []
+        self._cache = _AppendCache()  # the worker thread's alone
 
     # Life cycle (reactor thread) ---------------------------------------------------------------
 
@@ -507,34 +592,86 @@ class SQLiteStore:
         """
         Run a batch in one transaction; each operation's outcome is its result or its Failure.
 
-        A failing operation is rolled back to its savepoint and the rest carry on; if the
-        transaction itself fails (cannot begin or commit), every operation fails with it, since
-        none of their writes took effect.
+        First the fast way: runs of appends are written with one ``executemany`` per table, their
+        sequence numbers and server ids taken from the worker's caches.  If anything in that goes
+        wrong — typically a resend whose dedupe record exists already — the transaction is rolled
+        back, the caches are dropped, and the batch runs again the careful way: each operation in
+        its own SAVEPOINT, so a failing one is rolled back alone and fails only its own Deferred.
+        If the transaction itself fails (cannot begin or commit), every operation fails with it,
+        since none of their writes took effect.
         """
-        outcomes: list[tuple[defer.Deferred, Any]] = []
         try:
-            writes = any(operation.write for operation in batch)
-            # IMMEDIATE takes the write lock up front, waiting out the CLI via busy_timeout.
-            connection.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
-            for operation in batch:
-                connection.execute("SAVEPOINT operation")
-                try:
-                    outcome = operation.function(connection, *operation.args)
-                except Exception:
-                    outcome = Failure()
-                    connection.execute("ROLLBACK TO operation")
-                connection.execute("RELEASE operation")
-                outcomes.append((operation.deferred, outcome))
-            connection.execute("COMMIT")
+            return self._run_fast(connection, batch)
+        except _SlowPath:
+            self._rollback(connection)
+            self._cache = _AppendCache()
+        try:
+            return self._run_careful(connection, batch)
         except Exception:
             failure = Failure()
-            if connection.in_transaction:
-                try:
-                    connection.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            self._rollback(connection)
             return [(operation.deferred, failure) for operation in batch]
+        finally:
+            self._cache = _AppendCache()
+
+    @staticmethod
+    def _rollback(connection: sqlite3.Connection) -> None:
+        if connection.in_transaction:
+            try:
+                connection.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _begin(self, connection: sqlite3.Connection, batch: list[_Operation]) -> None:
+        writes = any(operation.write for operation in batch)
+        # IMMEDIATE takes the write lock up front, waiting out the CLI via busy_timeout.
+        connection.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+    def _run_fast(self, connection: sqlite3.Connection, batch: list[_Operation]) -> list[tuple[defer.Deferred, Any]]:
+        try:
+            self._begin(connection, batch)
+        except Exception:
+            raise _SlowPath() from None
+        outcomes: list[tuple[defer.Deferred, Any]] = []
+        start = 0
+        while start < len(batch):
+            operation = batch[start]
+            if operation.function is _append:
+                end = start
+                while end < len(batch) and batch[end].function is _append:
+                    end += 1
+                run = batch[start:end]
+                try:
+                    appended = _append_run(connection, self._cache, [op.args[0] for op in run])
+                except Exception:
+                    raise _SlowPath() from None
+                outcomes.extend(zip([op.deferred for op in run], appended))
+                start = end
+            else:
+                outcomes.append((operation.deferred, self._in_savepoint(connection, operation)))
+                start += 1
+        try:
+            connection.execute("COMMIT")
+        except Exception:
+            raise _SlowPath() from None
         return outcomes
+
+    def _run_careful(self, connection: sqlite3.Connection, batch: list[_Operation]) -> list[tuple[defer.Deferred, Any]]:
+        self._begin(connection, batch)
+        outcomes = [(operation.deferred, self._in_savepoint(connection, operation)) for operation in batch]
+        connection.execute("COMMIT")
+        return outcomes
+
+    @staticmethod
+    def _in_savepoint(connection: sqlite3.Connection, operation: _Operation) -> Any:
+        connection.execute("SAVEPOINT operation")
+        try:
+            outcome = operation.function(connection, *operation.args)
+        except Exception:
+            outcome = Failure()
+            connection.execute("ROLLBACK TO operation")
+        connection.execute("RELEASE operation")
+        return outcome
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
