@@ -4,6 +4,7 @@ The server's Twisted adapter and hub over in-memory transports, driven by a ``ta
 
 from __future__ import annotations
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -312,3 +313,25 @@ class ServerProtocolTests(SynchronousTestCase):
         peer.protocol.connectionLost(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.hub.online("alice"), ())
+
+
+class RehashTests(SynchronousTestCase):
+    def test_login_upgrades_a_weak_hash(self) -> None:
+        """A password hashed with weaker parameters is rehashed with today's at the next login."""
+        from argon2 import PasswordHasher
+
+        clock = Clock()
+        store = MemoryStore()
+        synchronous = defer.maybeDeferred
+        weak = Passwords(PasswordHasher(time_cost=1, memory_cost=8, parallelism=1), synchronous)
+        strong = Passwords(PasswordHasher(time_cost=2, memory_cost=16, parallelism=1), synchronous)
+        old = weak.hash("pw").result
+        store.add_user("alice", old)
+        hub = Hub(store, strong, clock)
+        peer = Peer(IMServerFactory(hub, ServerSettings(), clock))
+        _, result = peer.login("alice", "pw")
+        self.assertEqual(result.status, 0)
+        new = store.password_hash("alice").result
+        self.assertNotEqual(new, old)
+        self.assertFalse(strong.needs_rehash(new))
+        self.assertTrue(strong.verify(new, "pw").result)

@@ -142,11 +142,18 @@ class Hub:
             self.log.warn("failed login for {user!r} from {peer}", user=request.user, peer=conn.peer)
             conn.reject_login(ErrorCode.AUTH_FAILED, "wrong user name or password")
             return
+        if self.passwords.needs_rehash(stored):
+            # The hash was made with weaker parameters than today's: replace it while we have the password.
+            d = defer.ensureDeferred(self._rehash(request.user, password))
+            d.addErrback(lambda failure: self.log.failure("could not rehash a password", failure))
         if conn.state == CLOSED:
             return
         self._known_users.add(request.user)
         conn.accept_login(request.user, request.device)
         self._online.setdefault(request.user, set()).add(conn)
+
+    async def _rehash(self, user: str, password: str) -> None:
+        await self.store.set_password_hash(user, await self.passwords.hash(password))
 
     async def _dummy(self) -> str:
         if self._dummy_hash is None:
