@@ -41,7 +41,8 @@ from typing import Any, Callable, Iterable
 
 import attrs
 from twisted.internet.task import Clock
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
+from twisted.python.failure import Failure
 
 from imkit.model import Item, Message, direct_conversation
 from imkit.passwords import Passwords
@@ -109,6 +110,8 @@ def _fired(d: Any) -> Any:
     results: list[Any] = []
     d.addBoth(results.append)
     assert results, "a MemoryStore Deferred did not fire at once"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
     return results[0]
 
 
@@ -294,7 +297,6 @@ class Device:
         self.link: Link | None = None
         self.online = False
         """Whether the application wants to be connected (it reconnects while this is true)."""
-        self.frames = {UP: 0, DOWN: 0}
         self.connections = 0
         self.client = self._new_client(delivered)
 
@@ -523,8 +525,6 @@ class World:
 
     def _observe_hub(self, event: dict[str, Any]) -> None:
         if event.get("log_failure") is not None or event["log_level"].name in ("error", "critical"):
-            from twisted.logger import formatEvent
-
             failure = event.get("log_failure")
             detail = failure.getTraceback() if failure is not None else ""
             self.server_failures.append(f"{formatEvent(event)}\n{detail}")

@@ -5,16 +5,18 @@ End to end over real loopback TLS: the twistd plugin's service with SQLite, and 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from imkit.client import IMClient, Item, development_ca, tls_endpoint
+from imkit.client import ErrorCode, IMClient, Item, SendRejected, development_ca, tls_endpoint
 from imkit.passwords import Passwords
 from imkit.server import tap
 
 PASSWORDS = Passwords.fast_for_tests()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class EndToEndTests(TestCase):
@@ -25,9 +27,9 @@ class EndToEndTests(TestCase):
         self.services: list = []
         self.clients: list[IMClient] = []
 
-    async def start_server(self, port: int = 0) -> int:
+    async def start_server(self, port: int = 0, *extra: str) -> int:
         options = tap.Options()
-        options.parseOptions(["--listen", f"tls:{port}:interface=127.0.0.1", "--store", f"sqlite:{self.database}"])
+        options.parseOptions(["--listen", f"tls:{port}:interface=127.0.0.1", "--store", f"sqlite:{self.database}", *extra])
         service = tap.makeService(options, reactor=reactor, passwords=PASSWORDS)
         service.startService()
         self.services.append(service)
@@ -119,6 +121,28 @@ class EndToEndTests(TestCase):
 
         return defer.ensureDeferred(scenario())
 
+
+    def test_custom_packet_type(self) -> defer.Deferred:
+        """examples/poll.py over the real stack: the server refuses a bad vote, the tally counts good ones once."""
+        sys.path.insert(0, ROOT)
+        self.addCleanup(sys.path.remove, ROOT)
+        from examples.poll import VOTE, Tally
+
+        async def scenario() -> None:
+            port = await self.start_server(0, "--extension", "examples.poll:POLL_TYPES")
+            await self.add_users("alice", "bob")
+            alice, bob = self.client(port, "alice"), self.client(port, "bob")
+            tally = Tally(bob)
+            _, arrived = collect(bob, 2)
+            await alice.send_packet(VOTE, {"poll": 1, "choice": 2, "comment": "yes"}, to="bob")
+            with self.assertRaises(SendRejected) as caught:
+                await alice.send_packet(VOTE, VOTE.make(poll=1, choice=9, comment=""), to="bob")
+            self.assertEqual(caught.exception.code, ErrorCode.REJECTED)
+            await alice.send_packet(VOTE, {"poll": 1, "choice": 2, "comment": ""}, to="bob")
+            await arrived
+            self.assertEqual(tally.counts, {1: [0, 0, 2, 0]})
+
+        return defer.ensureDeferred(scenario())
 
 
 def collect(client: IMClient, count: int, view=lambda m: m) -> tuple[list, defer.Deferred]:

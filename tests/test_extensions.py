@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imkit.extensions import ExtensionError, Extensions, PacketType, load
 from imkit.model import Item
-from imkit.server.hub import Rejected
+from imkit.checks import Rejected
 from imkit.wire.errors import DecodeError
 
 VOTE = Struct("poll" / Int32ub, "choice" / Int8ub, "comment" / PascalString(Int8ub, "utf8"))

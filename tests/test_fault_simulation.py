@@ -3,10 +3,13 @@ Exactly-once, in-order delivery under faults, proved by deterministic simulation
 
 Hypothesis generates storms: per-frame faults on every link in both directions (drop, duplicate,
 delay so that later frames overtake), connection resets and silent cuts, server restarts with
-downtime, devices that come online late, and a workload of direct messages and atomic bundles
-between 2-4 users with 1-2 devices each.  After the storm, a calm phase with no faults runs until
-the system is quiet (only the sessions' own timers move it: resends, sync retries, heartbeats and
-idle timeouts), and ``World.violations`` checks the promises of the seed design's "Reliability" and
+downtime, application restarts (with saved positions or none), devices that come online late, and
+a workload of direct messages and atomic bundles between 2-4 users with 1-2 devices each, to a
+user name or to the ``dm:a:b`` conversation id.  Some storms also shrink the server's limits, so
+that its delivery window overflows into Heads, syncs paginate, and sync answers fill their byte
+budget.  After the storm (60 simulated seconds), a calm phase with no faults runs until the system
+is quiet (only the sessions' own timers move it: resends, sync retries, heartbeats and idle
+timeouts), and ``World.violations`` checks the promises of the seed design's "Reliability" and
 "Consistency" sections.
 
 Dropping a frame inside one connection is something TCP never does; it can leave a session
@@ -14,7 +17,7 @@ waiting for an answer that will not come (a dropped Login, say).  That is allowe
 timeouts must end such a connection and the client must reconnect.
 
 The number of generated storms scales with ``IMKIT_SIM_EXAMPLES`` (total over the three property
-tests; default 2400).  Runs are derandomized, so CI sees the same storms every time; set
+tests; default 3000).  Runs are derandomized, so CI sees the same storms every time; set
 ``IMKIT_SIM_EXPLORE=1`` to draw new ones instead.
 
 The explicit scenarios below the property tests each prove one behaviour, with exact timings.
@@ -23,6 +26,7 @@ The explicit scenarios below the property tests each prove one behaviour, with e
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import attrs
 import pytest
@@ -51,7 +55,7 @@ from simulation import (
     first_of,
 )
 
-TOTAL_EXAMPLES = int(os.environ.get("IMKIT_SIM_EXAMPLES", "2400"))
+TOTAL_EXAMPLES = int(os.environ.get("IMKIT_SIM_EXAMPLES", "3000"))
 EXPLORE = os.environ.get("IMKIT_SIM_EXPLORE", "") not in ("", "0")
 
 
@@ -205,29 +209,28 @@ def simulate(storm: Storm) -> World:
         faults=faults,
         latency={labels[device % len(labels)]: 4 * LATENCY for device in storm.slow},
     )
+
+    def crash(label: str, saved: bool) -> None:
+        world.restart_device(label, world.device(label).app.positions() if saved else None)
+
     for label, join in zip(labels, storm.joins):
-        world.at(start + join, f"{label} comes online", lambda label=label: world.connect(label))
+        world.at(start + join, "join", partial(world.connect, label))
     for number, op in enumerate(storm.ops):
         label = labels[op.device % len(labels)]
         target = names[op.target % len(names)]
         for again in range(op.repeat):
             bodies = [b"%s #%d.%d.%d" % (label.encode(), number, again, i) for i in range(op.items)]
             if op.items == 1:
-                action = lambda label=label, target=target, op=op, b=bodies[0]: world.send(label, target, b, op.via_conversation)
+                action = partial(world.send, label, target, bodies[0], op.via_conversation)
             else:
-                action = lambda label=label, target=target, op=op, b=bodies: world.send_bundle(label, target, b, op.via_conversation)
-            world.at(start + op.at, f"{label} sends", action)
+                action = partial(world.send_bundle, label, target, bodies, op.via_conversation)
+            world.at(start + op.at, "send", action)
     for at, device, silent in storm.cuts:
-        label = labels[device % len(labels)]
-        world.at(start + at, f"cut {label}", lambda label=label, silent=silent: world.cut(label, silent))
+        world.at(start + at, "cut", partial(world.cut, labels[device % len(labels)], silent))
     for at, device, saved in storm.crashes:
-        label = labels[device % len(labels)]
-        crash = lambda label=label, saved=saved: world.restart_device(
-            label, world.device(label).app.positions() if saved else None
-        )
-        world.at(start + at, f"{label} crashes", crash)
+        world.at(start + at, "crash", partial(crash, labels[device % len(labels)], saved))
     for at, downtime in storm.restarts:
-        world.at(start + at, "restart", lambda downtime=downtime: world.restart_server(downtime))
+        world.at(start + at, "restart", partial(world.restart_server, downtime))
     world.run_until(start + STORM)
     world.settle_down(CALM)
     return world

@@ -11,7 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imkit.model import direct_conversation
 from imkit.passwords import Passwords
-from imkit.server.hub import Hub, Rejected
+from imkit.checks import Rejected
+from imkit.server.hub import Hub
 from imkit.server.protocol import IMServerFactory
 from imkit.session.settings import ServerSettings
 from imkit.store.memory import MemoryStore

@@ -25,11 +25,14 @@ declaration uses the vocabulary it understands, and with construct itself otherw
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any, Callable, Iterable
 
 import attrs
 from construct import ConstructError, Struct, Terminated
 
+from imkit.checks import Rejected
 from imkit.model import Item
 from imkit.wire import codec
 from imkit.wire.errors import DecodeError, ErrorCode
@@ -168,8 +171,6 @@ class Extensions:
         """A hub submission check: decode extension packets and run their server handlers."""
         if not item.content_type.startswith(CONTENT_TYPE_PREFIX):
             return None
-        from imkit.server.hub import Rejected  # the hub is above us; import at use
-
         packet_type = self._by_content_type.get(item.content_type)
         if packet_type is None:
             raise Rejected(f"this server does not know the packet type {item.content_type}", ErrorCode.REJECTED)
@@ -190,6 +191,9 @@ def load(reference: str) -> list[PacketType]:
     module_name, _, attribute = reference.partition(":")
     if not module_name or not attribute:
         raise ExtensionError(f"--extension takes MODULE:ATTRIBUTE, not {reference!r}")
+    if os.getcwd() not in sys.path:
+        # twistd does not put the working directory on the path; extensions usually live there.
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

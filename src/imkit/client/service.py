@@ -11,7 +11,7 @@ the next login.  Each Deferred the application holds is answered by a core event
 from __future__ import annotations
 
 import random
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
@@ -33,11 +33,12 @@ from imkit.client.results import (
 )
 from imkit.client.state import StateFile
 from imkit.client.timer import DeadlineTimer
+from imkit.extensions import PacketType
 from imkit.model import Item, Message
 from imkit.session import events
 from imkit.session.client import ClientCore
 from imkit.session.settings import ClientSettings
-from imkit.wire.errors import ErrorCode
+from imkit.wire.errors import DecodeError, ErrorCode
 from imkit.wire.schema import TARGET_CONVERSATION, TARGET_USER
 
 TEXT = "text/plain; charset=utf-8"
@@ -242,6 +243,15 @@ class IMClient(Service):
             raise ValueError("a bundle needs at least one item")
         return self._submit(lambda: self._core.send_bundle(target_type, target, bundle))
 
+    def send_packet(
+        self, packet_type: PacketType, value: Any, to: str | None = None, *, conversation: str | None = None
+    ) -> Deferred[Receipt]:
+        """
+        Send a custom packet (``imkit.extensions.PacketType``): ``value`` is a ``packet_type.make(...)``
+        value or a dict of its fields.  It travels, and is acknowledged, like any message.
+        """
+        return self.send(to, packet_type.encode(value), conversation=conversation, content_type=packet_type.content_type)
+
     def _submit(self, queue: Any) -> Deferred[Receipt]:
         if self._failure is not None:
             return fail(self._failure)
@@ -279,6 +289,27 @@ class IMClient(Service):
     def on_message(self, callback: MessageCallback) -> None:
         """Call ``callback(message)`` for every delivered message, in order, each exactly once."""
         self._handoff.add_callback(callback)
+
+    def on_packet(self, packet_type: PacketType, callback: Callable[[Message, Any], Any]) -> None:
+        """
+        Call ``callback(message, value)`` for every delivered packet of ``packet_type``, in order
+        with the other messages; one whose body does not decode is logged and skipped.
+        """
+
+        def decode_and_call(message: Message) -> None:
+            if message.content_type != packet_type.content_type:
+                return
+            try:
+                value = packet_type.decode(message.body)
+            except DecodeError as error:
+                self.log.warn(
+                    "skipping a malformed {name} packet {conversation}#{seq}: {error}",
+                    name=packet_type.name, conversation=message.conversation, seq=message.seq, error=error.reason,
+                )
+                return
+            callback(message, value)
+
+        self._handoff.add_callback(decode_and_call)
 
     def remove_message_callback(self, callback: MessageCallback) -> None:
         self._handoff.remove_callback(callback)

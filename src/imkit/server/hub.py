@@ -10,11 +10,12 @@ simulation.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from imkit.checks import Rejected, SubmissionCheck
 from imkit.model import Appended, Item, Message, Submission, direct_conversation, direct_members
 from imkit.session import events
 from imkit.session.server import CLOSED, READY, ServerConnection
@@ -26,19 +27,6 @@ from imkit.wire.errors import ErrorCode
 _MAX_NAME = 64
 _PER_MESSAGE_OVERHEAD = 256
 _DUMMY_PASSWORD = "imkit timing equaliser"
-
-
-class Rejected(Exception):
-    """Raised by a submission check to refuse a message: nothing is stored, the sender is told why."""
-
-    def __init__(self, reason: str, code: ErrorCode = ErrorCode.REJECTED) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.code = code
-
-
-SubmissionCheck = Callable[[str, str, str, Item], Any]
-"""``check(sender, device, conversation, item)``: return None (or a Deferred) to allow; raise Rejected."""
 
 
 def valid_name(name: str) -> bool:
