@@ -9,6 +9,7 @@ The hub above answers the events (login, send, sync) by calling ``accept_login``
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Callable
 
 from imkit.model import Message
@@ -38,6 +39,11 @@ ALLOWED = {
     schema.PONG: {AWAIT_LOGIN, AUTHENTICATING, READY},
     schema.BYE: {AWAIT_HELLO, AWAIT_LOGIN, AUTHENTICATING, READY},
 }
+
+# The hot-path encoders, called directly (codec.encode's lookup and checks cost more than they do
+# here, where the packets are built by this module and known to be valid).
+_encode_deliver = codec.CODECS[schema.DELIVER].encode
+_encode_send_ack = codec.CODECS[schema.SEND_ACK].encode
 
 _LOGIN_DEADLINE = "login"
 _IDLE_DEADLINE = "idle"
@@ -150,13 +156,13 @@ class ServerConnection:
 
     def ack(self, ack: packets.SendAck) -> None:
         if self.state == READY:
-            self._write(codec.encode(ack))
+            self._write(_encode_send_ack(ack))
 
     def deliver(self, message: Message) -> bool:
         """Push one message; False if the window is full (the client will be told to sync)."""
         if self.state != READY:
             return False
-        return self._push(message.conversation, message.seq, codec.encode(packets.Deliver(message)))
+        return self._push(message.conversation, message.seq, _encode_deliver(packets.Deliver(message)))
 
     def deliver_bundle(self, messages: tuple[Message, ...]) -> bool:
         """Push an atomic bundle in one frame."""
@@ -264,13 +270,18 @@ class DeliveryWindow:
     conversation clears every entry up to its seq.  When ``max_unacked`` are in flight, further
     pushes are refused and remembered per conversation, so the hub can tell the client to sync
     once there is room again.
+
+    First sends all wait the same ``ack_timeout``, so their deadlines come in the order they were
+    sent: a FIFO holds them (the common case costs an append).  Only frames that had to be resent,
+    each with its own backed-off timeout, go into a heap.
     """
 
     def __init__(self, settings: ServerSettings) -> None:
         self._settings = settings
         self._frames: dict[tuple[str, int], tuple[bytes, float]] = {}
         self._by_conversation: dict[str, list[int]] = {}
-        self._deadlines = DeadlineQueue()
+        self._fresh: deque[tuple[float, tuple[str, int]]] = deque()
+        self._resent = DeadlineQueue()
         self._held_back: set[str] = set()
         self._opened: tuple[str, ...] = ()
 
@@ -278,38 +289,45 @@ class DeliveryWindow:
         return len(self._frames)
 
     def add(self, conversation: str, seq: int, frame: bytes, now: float) -> bool:
-        if len(self._frames) >= self._settings.max_unacked:
+        frames = self._frames
+        if len(frames) >= self._settings.max_unacked:
             self._held_back.add(conversation)
             return False
         key = (conversation, seq)
-        if key in self._frames:
+        if key in frames:
             return False
         timeout = self._settings.ack_timeout
-        self._frames[key] = (frame, timeout)
-        seqs = self._by_conversation.setdefault(conversation, [])
-        seqs.append(seq)
-        if len(seqs) > 1 and seqs[-2] > seq:
-            seqs.sort()
-        self._deadlines.set(key, now + timeout)
+        frames[key] = (frame, timeout)
+        seqs = self._by_conversation.get(conversation)
+        if seqs is None:
+            self._by_conversation[conversation] = [seq]
+        else:
+            seqs.append(seq)
+            if seqs[-2] > seq:
+                seqs.sort()
+        self._fresh.append((now + timeout, key))
         return True
 
     def ack(self, conversation: str, seq: int) -> None:
         seqs = self._by_conversation.get(conversation)
         if not seqs:
             return
+        frames = self._frames
+        resent = self._resent
         done = 0
         for pending in seqs:
             if pending > seq:
                 break
             key = (conversation, pending)
-            del self._frames[key]
-            self._deadlines.discard(key)
+            del frames[key]
+            if key in resent:
+                resent.discard(key)
             done += 1
         if done == len(seqs):
             del self._by_conversation[conversation]
         else:
             del seqs[:done]
-        if self._held_back and len(self._frames) <= self._settings.max_unacked // 2:
+        if self._held_back and len(frames) <= self._settings.max_unacked // 2:
             self._opened = tuple(sorted(self._held_back))
             self._held_back.clear()
 
@@ -317,23 +335,46 @@ class DeliveryWindow:
         opened, self._opened = self._opened, ()
         return opened
 
+    def _first_fresh(self) -> float | None:
+        fresh = self._fresh
+        frames = self._frames
+        resent = self._resent
+        while fresh:
+            due, key = fresh[0]
+            if key in frames and key not in resent:
+                return due
+            fresh.popleft()  # acknowledged (or already resent) since
+        return None
+
     def next_deadline(self) -> float | None:
-        return self._deadlines.next()
+        fresh = self._first_fresh()
+        resent = self._resent.next()
+        if fresh is None:
+            return resent
+        if resent is None:
+            return fresh
+        return min(fresh, resent)
 
     def due(self, now: float) -> list[bytes]:
         """Frames to resend now (marked as resends), each with its next deadline doubled."""
+        overdue = []
+        fresh = self._fresh
+        while (first := self._first_fresh()) is not None and first <= now:
+            overdue.append(fresh.popleft()[1])
+        overdue.extend(self._resent.pop_due(now))
         resend = []
         limit = self._settings.ack_timeout_max
-        for key in list(self._deadlines.pop_due(now)):
+        for key in overdue:
             frame, timeout = self._frames[key]
             timeout = min(timeout * 2, limit)
             self._frames[key] = (frame, timeout)
-            self._deadlines.set(key, now + timeout)
+            self._resent.set(key, now + timeout)
             resend.append(frame[:5] + bytes([frame[5] | schema.FLAG_RESEND]) + frame[6:])
         return resend
 
     def clear(self) -> None:
         self._frames.clear()
         self._by_conversation.clear()
-        self._deadlines.clear()
+        self._fresh.clear()
+        self._resent.clear()
         self._held_back.clear()
