@@ -17,7 +17,7 @@ waiting for an answer that will not come (a dropped Login, say).  That is allowe
 timeouts must end such a connection and the client must reconnect.
 
 The number of generated storms scales with ``IMKIT_SIM_EXAMPLES`` (total over the three property
-tests; default 3000).  Runs are derandomized, so CI sees the same storms every time; set
+tests; default 5000, about 45 s).  Runs are derandomized, so CI sees the same storms every time; set
 ``IMKIT_SIM_EXPLORE=1`` to draw new ones instead.
 
 The explicit scenarios below the property tests each prove one behaviour, with exact timings.
@@ -55,7 +55,7 @@ from simulation import (
     first_of,
 )
 
-TOTAL_EXAMPLES = int(os.environ.get("IMKIT_SIM_EXAMPLES", "3000"))
+TOTAL_EXAMPLES = int(os.environ.get("IMKIT_SIM_EXAMPLES", "5000"))
 EXPLORE = os.environ.get("IMKIT_SIM_EXPLORE", "") not in ("", "0")
 
 

@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, NoReturn, Sequence
 
 from twisted.internet import defer
 from twisted.internet.task import react
+from twisted.python.failure import Failure
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -396,7 +397,8 @@ async def send_all(
     """
     flusher = _TurnFlush(reactor, out)
     window: deque[_Outcome] = deque()
-    room = defer.DeferredSemaphore(max_in_flight)
+    in_flight = 0
+    room: list[defer.Deferred[None]] = []  # the reader, waiting for an ack to make room
     failed: list[BaseException] = []
     done: defer.Deferred[None] = defer.Deferred()
     wake_reader: list[defer.Deferred[None]] = []
@@ -412,8 +414,12 @@ async def send_all(
     client.loggedIn().addCallbacks(logged_in.append, login_refused)
 
     def settled(_: Any = None, release: bool = True) -> None:
+        nonlocal in_flight
         if release:
-            room.release()
+            in_flight -= 1
+        if room and (failed or in_flight <= max_in_flight // 2):
+            # Refill in bursts: waking the reader for every single ack costs more than the send.
+            room.pop().callback(None)
         while window and window[0].finished and not failed:
             outcome = window.popleft()
             if outcome.error is not None:
@@ -440,7 +446,9 @@ async def send_all(
             if lines is None:
                 break
             for line in lines:
-                await room.acquire()
+                if in_flight >= max_in_flight:
+                    room.append(defer.Deferred())
+                    await room[-1]
                 if failed:
                     break
                 try:
@@ -450,7 +458,8 @@ async def send_all(
                     break
                 outcome = _Outcome()
                 window.append(outcome)
-                sent.addCallbacks(outcome.succeeded, outcome.failed)
+                in_flight += 1
+                sent.addBoth(outcome.settle)
                 sent.addCallback(settled)
         reading = False
         if not window and not done.called:
@@ -499,13 +508,12 @@ class _Outcome:
         self.receipt: Receipt | None = None
         self.error: BaseException | None = None
 
-    def succeeded(self, receipt: Receipt) -> None:
+    def settle(self, result: Receipt | Failure) -> None:
         self.finished = True
-        self.receipt = receipt
-
-    def failed(self, failure: Any) -> None:
-        self.finished = True
-        self.error = failure.value
+        if isinstance(result, Failure):
+            self.error = result.value
+        else:
+            self.receipt = result
 
 
 def _prepare_listen(args: argparse.Namespace) -> Job:
