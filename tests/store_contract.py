@@ -88,6 +88,13 @@ class StoreContract:
         self.assertEqual(len(server_ids), 18)
         self.assertEqual(len(set(server_ids)), 18)
 
+    async def test_bundle_server_ids_are_consecutive(self) -> None:
+        """A client numbers its own bundle's messages from the first id in the ack."""
+        await self.store.append(submission(1, "grp:a"))
+        appended = await self.store.append(submission(2, "grp:a", bodies=(b"1", b"2", b"3")))
+        first = appended.messages[0].server_id
+        self.assertEqual([m.server_id for m in appended.messages], [first, first + 1, first + 2])
+
     async def test_message_fields(self) -> None:
         sub = submission(7, "grp:x", sender="carol", device="laptop", sent_at=123456789)
         appended = await self.store.append(sub)

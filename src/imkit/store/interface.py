@@ -59,7 +59,8 @@ class IStore(Interface):
         Store a Submission atomically and durably. Deferred[Appended].
 
         All its items get consecutive sequence numbers in its conversation (one more than the
-        conversation's head for the first), fresh unique server ids, the submission's sent_at and
+        conversation's head for the first), fresh unique server ids (consecutive within one submission: a client
+        numbers its own bundle from the first id in its ack), the submission's sent_at and
         client_msg_id, and bundle_remaining counting down to 0.  The conversation is created and
         ``submission.members`` are made members if needed.  If a submission with the same
         (sender, sender_device, client_msg_id) was stored before — even before a restart — nothing
