@@ -349,3 +349,19 @@ class StoreContract:
         self.assertEqual(await head, count)
         stored = await self.store.read("grp:team", 0, count)
         self.assertEqual([m.body for m in stored], [b"%d" % i for i in range(count)])
+
+    async def test_resume_tokens(self) -> None:
+        """One token per device, found by digest, replaced by the next, revocable per device or user."""
+        store = self.store
+        self.assertIsNone(await store.token_owner("d1"))
+        await store.set_token("d1", "alice", "phone", 1000)
+        await store.set_token("d2", "alice", "laptop", 2000)
+        self.assertEqual(await store.token_owner("d1"), ("alice", "phone", 1000))
+        await store.set_token("d3", "alice", "phone", 3000)
+        self.assertIsNone(await store.token_owner("d1"), "a device's new token replaces its old one")
+        self.assertEqual(await store.token_owner("d3"), ("alice", "phone", 3000))
+        self.assertEqual(await store.revoke_tokens("alice", "phone"), 1)
+        self.assertIsNone(await store.token_owner("d3"))
+        await store.set_token("d4", "alice", "phone", 4000)
+        self.assertEqual(await store.revoke_tokens("alice"), 2)
+        self.assertIsNone(await store.token_owner("d2"))

@@ -336,3 +336,70 @@ class RehashTests(SynchronousTestCase):
         self.assertNotEqual(new, old)
         self.assertFalse(strong.needs_rehash(new))
         self.assertTrue(strong.verify(new, "pw").result)
+
+
+class ResumeTokenTests(SynchronousTestCase):
+    """A login hands out a resume token; a reconnecting device logs in with it, not its password."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = MemoryStore()
+        passwords = Passwords.fast_for_tests()
+        passwords.hash("alice-secret").addCallback(lambda h: self.store.add_user("alice", h))
+        self.settings = ServerSettings(token_ttl=3600.0)
+        self.factory = IMServerFactory(Hub(self.store, passwords, self.clock, self.settings), self.settings, self.clock)
+
+    def login(self, method: int, secret: bytes, device: str = "phone") -> packets.LoginResult:
+        peer = Peer(self.factory)
+        peer.send(codec.encode(packets.Hello(1, 1, "t")), codec.encode(packets.Login(method, "alice", device, secret)))
+        return peer.received()[1]
+
+    def test_token_login(self) -> None:
+        first = self.login(schema.LOGIN_PASSWORD, b"alice-secret")
+        self.assertEqual(len(first.resume_token), 32)
+        again = self.login(schema.LOGIN_TOKEN, first.resume_token)
+        self.assertEqual(again.status, 0)
+        self.assertNotEqual(again.resume_token, first.resume_token, "each login rotates the token")
+        self.assertEqual(self.login(schema.LOGIN_TOKEN, first.resume_token).status, ErrorCode.AUTH_FAILED)
+        self.assertEqual(self.login(schema.LOGIN_TOKEN, again.resume_token).status, 0)
+
+    def test_token_is_bound_to_its_device_and_expires(self) -> None:
+        token = self.login(schema.LOGIN_PASSWORD, b"alice-secret").resume_token
+        self.assertEqual(self.login(schema.LOGIN_TOKEN, token, device="laptop").status, ErrorCode.AUTH_FAILED)
+        self.clock.advance(3601)
+        refused = self.login(schema.LOGIN_TOKEN, token)
+        self.assertEqual(refused.status, ErrorCode.AUTH_FAILED)
+        self.assertIn("log in with the password", refused.reason)
+
+    def test_client_core_reconnects_with_its_token(self) -> None:
+        """ClientCore uses the token on reconnect, and falls back to the password when it is refused."""
+        import random
+
+        from imkit.session import events
+        from imkit.session.client import ClientCore
+
+        core = ClientCore(self.clock, "alice", "alice-secret", "phone", rng=random.Random(1))
+        methods = []
+
+        def connect() -> list:
+            peer = Peer(self.factory)
+            core.connection_made()
+            found = []
+            for _ in range(4):
+                data = core.data_to_send()
+                for kind, _flags, body in FrameReader().feed(data):
+                    if kind == schema.LOGIN:
+                        methods.append(codec.decode_body(kind, body).method)
+                peer.protocol.dataReceived(data)
+                found += core.receive_data(peer.transport.value())
+                peer.transport.clear()
+            core.connection_lost()
+            return found
+
+        self.assertIn(events.LoggedIn, [type(e) for e in connect()])
+        self.assertIn(events.LoggedIn, [type(e) for e in connect()])
+        self.store.revoke_tokens("alice")
+        self.assertIn(events.CloseConnection, [type(e) for e in connect()])
+        self.assertIn(events.LoggedIn, [type(e) for e in connect()])
+        self.assertEqual(methods, [schema.LOGIN_PASSWORD, schema.LOGIN_TOKEN, schema.LOGIN_TOKEN, schema.LOGIN_PASSWORD])

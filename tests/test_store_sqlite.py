@@ -197,6 +197,23 @@ class SQLiteStoreTests(TemporaryDirectory, unittest.TestCase):
             await store.list_users()
         await store.close()
 
+    async def test_version_1_database_is_upgraded(self) -> None:
+        """A database written before resume tokens gains their table and keeps its messages."""
+        from imkit.store import sqlite as module
+
+        connection = sqlite3.connect(self.database())
+        for statement in module._SCHEMA:
+            if not statement.startswith("CREATE TABLE tokens"):
+                connection.execute(statement)
+        connection.execute("INSERT INTO users (name, password_hash) VALUES ('alice', 'h')")
+        connection.execute("PRAGMA user_version = 1")
+        connection.commit()
+        connection.close()
+        store = await self.opened()
+        self.assertEqual(await store.list_users(), ["alice"])
+        await store.set_token("d", "alice", "phone", 1)
+        self.assertEqual(await store.token_owner("d"), ("alice", "phone", 1))
+
     async def test_foreign_database(self) -> None:
         connection = sqlite3.connect(self.database())
         connection.execute("CREATE TABLE users (id INTEGER)")

@@ -10,6 +10,8 @@ simulation.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from typing import Any, Iterable
 
 from twisted.internet import defer
@@ -109,12 +111,35 @@ class Hub:
     # Login -------------------------------------------------------------------------------------
 
     async def _login(self, conn: ServerConnection, request: events.LoginRequested) -> None:
-        if request.method != schema.LOGIN_PASSWORD:
-            conn.reject_login(ErrorCode.AUTH_FAILED, "this server accepts password logins only")
+        if request.method not in (schema.LOGIN_PASSWORD, schema.LOGIN_TOKEN):
+            conn.reject_login(ErrorCode.AUTH_FAILED, "unknown login method")
             return
         if not valid_name(request.user) or not valid_name(request.device):
             conn.reject_login(ErrorCode.AUTH_FAILED, "user and device names are 1-64 characters without ':' or spaces")
             return
+        if request.method == schema.LOGIN_TOKEN:
+            ok = await self._token_valid(request)
+        else:
+            ok = await self._password_valid(request)
+        if not ok:
+            self.log.warn("failed login for {user!r} from {peer}", user=request.user, peer=conn.peer)
+            if request.method == schema.LOGIN_TOKEN:
+                conn.reject_login(ErrorCode.AUTH_FAILED, "resume token unknown or expired; log in with the password")
+            else:
+                conn.reject_login(ErrorCode.AUTH_FAILED, "wrong user name or password")
+            return
+        if conn.state == CLOSED:
+            return
+        # Every login gets a fresh resume token, replacing the device's previous one.
+        token = secrets.token_bytes(32)
+        expires_at = int((self.clock.seconds() + self.settings.token_ttl) * 1000)
+        d = self.store.set_token(_digest(token), request.user, request.device, expires_at)
+        d.addErrback(lambda failure: self.log.failure("could not record a resume token", failure))
+        self._known_users.add(request.user)
+        conn.accept_login(request.user, request.device, token)
+        self._online.setdefault(request.user, set()).add(conn)
+
+    async def _password_valid(self, request: events.LoginRequested) -> bool:
         try:
             password = request.secret.decode("utf-8")
         except UnicodeDecodeError:
@@ -123,22 +148,21 @@ class Hub:
         if stored is None or password is None:
             # Spend the same time as a real check, so a wrong name looks like a wrong password.
             await self.passwords.verify(await self._dummy(), password or "")
-            ok = False
-        else:
-            ok = await self.passwords.verify(stored, password)
-        if not ok:
-            self.log.warn("failed login for {user!r} from {peer}", user=request.user, peer=conn.peer)
-            conn.reject_login(ErrorCode.AUTH_FAILED, "wrong user name or password")
-            return
+            return False
+        if not await self.passwords.verify(stored, password):
+            return False
         if self.passwords.needs_rehash(stored):
             # The hash was made with weaker parameters than today's: replace it while we have the password.
             d = defer.ensureDeferred(self._rehash(request.user, password))
             d.addErrback(lambda failure: self.log.failure("could not rehash a password", failure))
-        if conn.state == CLOSED:
-            return
-        self._known_users.add(request.user)
-        conn.accept_login(request.user, request.device)
-        self._online.setdefault(request.user, set()).add(conn)
+        return True
+
+    async def _token_valid(self, request: events.LoginRequested) -> bool:
+        owner = await self.store.token_owner(_digest(request.secret))
+        if owner is None:
+            return False
+        user, device, expires_at = owner
+        return user == request.user and device == request.device and expires_at > self.clock.seconds() * 1000
 
     async def _rehash(self, user: str, password: str) -> None:
         await self.store.set_password_hash(user, await self.passwords.hash(password))
@@ -348,6 +372,11 @@ class Hub:
         for conversation in conversations:
             heads.append(packets.Cursor(conversation, await self.store.head(conversation)))
         conn.announce_heads(tuple(heads))
+
+
+def _digest(token: bytes) -> str:
+    """What the store keeps of a resume token: enough to recognise it, useless to a thief of the database."""
+    return hashlib.sha256(token).hexdigest()
 
 
 def _pair(a: str, b: str) -> tuple[str, ...]:

@@ -59,6 +59,7 @@ class Options(usage.Options):
         ["max-frame", None, 1048576, "largest frame accepted, in bytes", _positive(int, "max-frame")],
         ["max-body", None, 262144, "largest message body accepted, in bytes", _positive(int, "max-body")],
         ["sync-page", None, 500, "messages per sync answer at most", _positive(int, "sync-page")],
+        ["token-ttl", None, 7 * 24 * 3600.0, "seconds a resume token lets a device reconnect without its password", _positive(float, "token-ttl")],
     ]
 
     def __init__(self) -> None:
@@ -102,6 +103,7 @@ class Options(usage.Options):
             max_unacked=self["max-unacked"],
             sync_page=self["sync-page"],
             max_body=self["max-body"],
+            token_ttl=self["token-ttl"],
         )
 
 

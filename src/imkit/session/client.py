@@ -78,6 +78,8 @@ class ClientCore:
         self.user = user
         self.device = device
         self._password = password
+        self._resume_token: bytes | None = None
+        self._token_in_use = False
         self.settings = settings
         self._rng = rng or random.SystemRandom()
         self.state = DISCONNECTED
@@ -226,13 +228,24 @@ class ClientCore:
             self._reader.max_frame = min(self.settings.max_frame, max(packet.max_frame, 1024))
             self._server_max_frame = packet.max_frame
             self.state = AWAIT_LOGIN_RESULT
-            secret = self._password.encode("utf-8")
-            self._write(codec.encode(packets.Login(schema.LOGIN_PASSWORD, self.user, self.device, secret)))
+            if self._resume_token:
+                # A reconnect: the token saves the server a password hash check.
+                login = packets.Login(schema.LOGIN_TOKEN, self.user, self.device, self._resume_token)
+            else:
+                login = packets.Login(schema.LOGIN_PASSWORD, self.user, self.device, self._password.encode("utf-8"))
+            self._token_in_use = login.method == schema.LOGIN_TOKEN
+            self._write(codec.encode(login))
         elif kind == schema.LOGIN_RESULT:
             if packet.status != 0:
                 self.state = DISCONNECTED
+                if self._token_in_use:
+                    # Expired or revoked: the next connection logs in with the password instead.
+                    self._resume_token = None
+                    found.append(events.CloseConnection(f"resume token refused ({packet.reason}); using the password"))
+                    return
                 found.append(events.LoginRejected(packet.status, packet.reason))
                 return
+            self._resume_token = packet.resume_token or None
             self.state = READY
             found.append(events.LoggedIn(self.user, self.device, packet.server_time))
             for cmid, pending in list(self._outbox.items()):

@@ -26,6 +26,9 @@ class ServerSettings:
     sync_page: int = 500
     """Messages per sync answer at most (pages are also kept under the frame size)."""
     max_body: int = 256 * 1024
+    token_ttl: float = 7 * 24 * 3600.0
+    """How long a resume token (issued at every login, replacing the device's previous one) lets a
+    device reconnect without its password."""
     agent: str = "imkit"
 
 

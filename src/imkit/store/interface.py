@@ -95,3 +95,18 @@ class IStore(Interface):
 
     def cursors(user, device):
         """Deferred[dict[str, int]]: the device's acknowledged seq per conversation."""
+
+    # Resume tokens ---------------------------------------------------------------------------
+
+    def set_token(digest, user, device, expires_at):
+        """
+        Record the resume token of ``device`` of ``user`` (by its digest, never the token itself),
+        valid until ``expires_at`` (ms since the epoch), replacing that device's previous token.
+        Deferred[None].
+        """
+
+    def token_owner(digest):
+        """Deferred[tuple[str, str, int] | None]: (user, device, expires_at) of a token digest."""
+
+    def revoke_tokens(user, device=None):
+        """Forget the tokens of one device of ``user``, or of all its devices. Deferred[int]: how many."""

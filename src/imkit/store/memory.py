@@ -59,6 +59,7 @@ class MemoryStore:
         self._dedupe: dict[tuple[str, str, int], tuple[Message, ...]] = {}
         self._cursors: dict[tuple[str, str], dict[str, int]] = {}
         self._next_server_id = 1
+        self._tokens: dict[tuple[str, str], tuple[str, int]] = {}
 
     def open(self) -> defer.Deferred:
         return defer.succeed(None)
@@ -162,3 +163,21 @@ class MemoryStore:
 
     def cursors(self, user: str, device: str) -> defer.Deferred:
         return defer.succeed(dict(self._cursors.get((user, device), {})))
+
+    # Resume tokens -----------------------------------------------------------------------------
+
+    def set_token(self, digest: str, user: str, device: str, expires_at: int) -> defer.Deferred:
+        self._tokens[(user, device)] = (digest, expires_at)
+        return defer.succeed(None)
+
+    def token_owner(self, digest: str) -> defer.Deferred:
+        for (user, device), (known, expires_at) in self._tokens.items():
+            if known == digest:
+                return defer.succeed((user, device, expires_at))
+        return defer.succeed(None)
+
+    def revoke_tokens(self, user: str, device: str | None = None) -> defer.Deferred:
+        doomed = [key for key in self._tokens if key[0] == user and (device is None or key[1] == device)]
+        for key in doomed:
+            del self._tokens[key]
+        return defer.succeed(len(doomed))

@@ -33,7 +33,7 @@ from imkit.model import Appended, Message, Submission
 from imkit.store.interface import IStore, StoreError, UnknownUser, UserExists
 from imkit.store.memory import check_submission
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = (
     "CREATE TABLE users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL)",
@@ -59,6 +59,19 @@ _SCHEMA = (
     " seq INTEGER NOT NULL,"
     " PRIMARY KEY (user, device, conversation)) WITHOUT ROWID",
 )
+
+_TOKENS_TABLE = (
+    "CREATE TABLE tokens ("
+    " user TEXT NOT NULL, device TEXT NOT NULL, digest TEXT NOT NULL UNIQUE,"
+    " expires_at INTEGER NOT NULL,"
+    " PRIMARY KEY (user, device)) WITHOUT ROWID"
+)
+_SCHEMA = _SCHEMA + (_TOKENS_TABLE,)
+
+_MIGRATIONS = {
+    1: (_TOKENS_TABLE,),  # version 1 -> 2: resume tokens
+}
+"""Statements that bring a database from the version (key) to the next one."""
 
 _MESSAGE_COLUMNS = (
     "server_id, conversation, seq, sender, sender_device, client_msg_id, sent_at,"
@@ -267,6 +280,24 @@ def _set_cursor(
         " WHERE excluded.seq > cursors.seq",
         (user, device, conversation, seq),
     )
+
+
+def _set_token(connection: sqlite3.Connection, digest: str, user: str, device: str, expires_at: int) -> None:
+    connection.execute(
+        "INSERT OR REPLACE INTO tokens (user, device, digest, expires_at) VALUES (?, ?, ?, ?)",
+        (user, device, digest, expires_at),
+    )
+
+
+def _token_owner(connection: sqlite3.Connection, digest: str) -> tuple[str, str, int] | None:
+    row = connection.execute("SELECT user, device, expires_at FROM tokens WHERE digest = ?", (digest,)).fetchone()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def _revoke_tokens(connection: sqlite3.Connection, user: str, device: str | None) -> int:
+    if device is None:
+        return connection.execute("DELETE FROM tokens WHERE user = ?", (user,)).rowcount
+    return connection.execute("DELETE FROM tokens WHERE user = ? AND device = ?", (user, device)).rowcount
 
 
 def _cursors(connection: sqlite3.Connection, user: str, device: str) -> dict[str, int]:
@@ -539,6 +570,15 @@ class SQLiteStore:
     def set_cursor(self, user: str, device: str, conversation: str, seq: int) -> defer.Deferred:
         return self._submit(_set_cursor, user, device, conversation, seq, write=True)
 
+    def set_token(self, digest: str, user: str, device: str, expires_at: int) -> defer.Deferred:
+        return self._submit(_set_token, digest, user, device, expires_at, write=True)
+
+    def token_owner(self, digest: str) -> defer.Deferred:
+        return self._submit(_token_owner, digest, write=False)
+
+    def revoke_tokens(self, user: str, device: str | None = None) -> defer.Deferred:
+        return self._submit(_revoke_tokens, user, device, write=True)
+
     def cursors(self, user: str, device: str) -> defer.Deferred:
         return self._submit(_cursors, user, device, write=False)
 
@@ -701,6 +741,11 @@ class SQLiteStore:
                     )
                 for statement in _SCHEMA:
                     connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version < SCHEMA_VERSION and all(v in _MIGRATIONS for v in range(version, SCHEMA_VERSION)):
+                for step in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[step]:
+                        connection.execute(statement)
                 connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise SchemaVersionError(

@@ -234,7 +234,8 @@ DIRECTION = {
 LOGIN_PASSWORD = 1
 """``secret`` is the user's password, in UTF-8."""
 LOGIN_TOKEN = 2
-"""``secret`` is a resume token (reserved: a server may refuse it)."""
+"""``secret`` is the resume token from the last ``LoginResult`` (each login rotates it; an expired
+or revoked one is refused with AUTH_FAILED, and the client logs in with its password again)."""
 
 TARGET_USER = 1
 """``target`` is a user name: the message goes to the direct conversation with that user."""
