@@ -27,6 +27,7 @@ from imkit.wire import packets, schema
 from imkit.wire.errors import ErrorCode
 
 _MAX_NAME = 64
+_MAX_ROUTES = 100_000
 _PER_MESSAGE_OVERHEAD = 256
 _DUMMY_PASSWORD = "imkit timing equaliser"
 
@@ -53,6 +54,8 @@ class Hub:
         self.checks: list[SubmissionCheck] = []
         self._online: dict[str, set[ServerConnection]] = {}
         self._known_users: set[str] = set()
+        self._routes: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
+        """(sender, recipient) -> their direct conversation and its members, once the recipient is known."""
         self._dummy_hash: str | None = None
 
     # Connections -------------------------------------------------------------------------------
@@ -175,6 +178,12 @@ class Hub:
     # Sending -----------------------------------------------------------------------------------
 
     def _submit(self, conn: ServerConnection, packet: packets.Send | packets.Bundle) -> None:
+        if type(packet) is packets.Send and packet.target_type == schema.TARGET_USER:
+            # The common case, a message to someone written to before: no lookups at all.
+            route = self._routes.get((conn.user, packet.target))
+            if route is not None and len(packet.body) <= self.settings.max_body:
+                self._store(conn, packet, route[0], route[1], (Item(packet.content_type, packet.body),))
+                return
         if isinstance(packet, packets.Send):
             items: tuple[Item, ...] = (Item(packet.content_type, packet.body),)
         else:
@@ -188,7 +197,11 @@ class Hub:
         target = packet.target
         if packet.target_type == schema.TARGET_USER:
             if target == sender or target in self._known_users:
-                self._store(conn, packet, direct_conversation(sender, target), _pair(sender, target), items)
+                route = (direct_conversation(sender, target), _pair(sender, target))
+                if len(self._routes) >= _MAX_ROUTES:
+                    self._routes.clear()
+                self._routes[(sender, target)] = route
+                self._store(conn, packet, route[0], route[1], items)
                 return
             d = self.store.password_hash(target)
             d.addCallback(self._recipient_checked, conn, packet, items)
