@@ -191,6 +191,35 @@ class UserCommandTests(ScratchDirectory, TestCase):
         self.assertTrue((yield Passwords().verify(password_hash, "bob-pw")))
 
     @defer.inlineCallbacks
+    def test_passwd_and_revoke(self) -> Any:
+        """passwd replaces the hash and revokes every token; revoke takes one device or all."""
+        store = self.store_string()
+        yield defer.ensureDeferred(self.run_command("user", "add", "bob", "--password", "old", "--store", store))
+        sqlite = SQLiteStore(store[len("sqlite:") :])
+        yield sqlite.open()
+        try:
+            yield sqlite.set_token("d1", "bob", "phone", 2**40)
+            yield sqlite.set_token("d2", "bob", "laptop", 2**40)
+        finally:
+            yield sqlite.close()
+        output = yield defer.ensureDeferred(self.run_command("user", "revoke", "bob", "--device", "phone", "--store", store))
+        self.assertEqual(output, "revoked 1 resume token(s) of device phone of bob\n")
+        output = yield defer.ensureDeferred(self.run_command("user", "passwd", "bob", "--password", "new", "--store", store))
+        self.assertEqual(output, "changed the password of bob; revoked 1 resume token(s)\n")
+        reopened = SQLiteStore(store[len("sqlite:") :])
+        yield reopened.open()
+        try:
+            password_hash = yield reopened.password_hash("bob")
+            self.assertIsNone((yield reopened.token_owner("d2")))
+        finally:
+            yield reopened.close()
+        self.assertTrue((yield Passwords().verify(password_hash, "new")))
+        for argv in (("user", "passwd", "nobody", "--password", "x"), ("user", "revoke", "nobody")):
+            with self.assertRaises(cli.CommandFailed) as caught:
+                yield defer.ensureDeferred(self.run_command(*argv, "--store", store))
+            self.assertIn("no user 'nobody'", str(caught.exception))
+
+    @defer.inlineCallbacks
     def test_add_an_existing_user(self) -> Any:
         store = self.store_string()
         yield defer.ensureDeferred(self.run_command("user", "add", "bob", "--password", "x", "--store", store))

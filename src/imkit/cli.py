@@ -98,7 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log connections and retries on standard error")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    user = commands.add_parser("user", help="add or list users (safe while the server runs)")
+    user = commands.add_parser("user", help="add, list and manage users (safe while the server runs)")
     user.set_defaults(prepare=None, prog="imkit user")
     user_commands = user.add_subparsers(title="user commands", metavar="USER_COMMAND")
     store_help = f"the server's store: sqlite:PATH or memory: (default {DEFAULT_STORE})"
@@ -110,6 +110,26 @@ def _build_parser() -> argparse.ArgumentParser:
     source = add.add_mutually_exclusive_group()
     source.add_argument("--password", help="the password (visible to other local users; prefer --password-file)")
     source.add_argument("--password-file", metavar="FILE", help="read the password from the first line of FILE")
+
+    passwd = user_commands.add_parser(
+        "passwd", help="change a user's password",
+        description="Replace a user's password, and revoke its devices' resume tokens so they must log in with the new one.",
+    )
+    passwd.set_defaults(prepare=_prepare_user_passwd, prog="imkit user passwd")
+    passwd.add_argument("name", help="the user")
+    passwd.add_argument("--store", default=DEFAULT_STORE, help=store_help)
+    source = passwd.add_mutually_exclusive_group()
+    source.add_argument("--password", help="the new password (visible to other local users; prefer --password-file)")
+    source.add_argument("--password-file", metavar="FILE", help="read the new password from the first line of FILE")
+
+    revoke = user_commands.add_parser(
+        "revoke", help="revoke resume tokens",
+        description="Revoke the resume tokens of one device of a user, or of all its devices: they must log in with the password again.",
+    )
+    revoke.set_defaults(prepare=_prepare_user_revoke, prog="imkit user revoke")
+    revoke.add_argument("name", help="the user")
+    revoke.add_argument("--device", help="only this device (default: every device of the user)")
+    revoke.add_argument("--store", default=DEFAULT_STORE, help=store_help)
 
     listing = user_commands.add_parser("list", help="list user names", description="Print every user name, one a line.")
     listing.set_defaults(prepare=_prepare_user_list, prog="imkit user list")
@@ -245,6 +265,44 @@ def _prepare_user_add(args: argparse.Namespace) -> Job:
         print(f"added user {args.name} to {store.description}")
 
     return add_user
+
+
+def _prepare_user_passwd(args: argparse.Namespace) -> Job:
+    from twisted.internet import reactor
+
+    store = _open_store(args.store, reactor)
+    password = read_new_password(args)
+
+    async def change_password(reactor: Any) -> None:
+        from imkit.passwords import Passwords
+        from imkit.store import UnknownUser
+
+        async with _opened(store):
+            password_hash = await Passwords().hash(password)
+            try:
+                await store.set_password_hash(args.name, password_hash)
+            except UnknownUser:
+                raise CommandFailed(f"no user {args.name!r} in {store.description}; see imkit user list") from None
+            revoked = await store.revoke_tokens(args.name)
+        print(f"changed the password of {args.name}; revoked {revoked} resume token(s)")
+
+    return change_password
+
+
+def _prepare_user_revoke(args: argparse.Namespace) -> Job:
+    from twisted.internet import reactor
+
+    store = _open_store(args.store, reactor)
+
+    async def revoke_tokens(reactor: Any) -> None:
+        async with _opened(store):
+            if await store.password_hash(args.name) is None:
+                raise CommandFailed(f"no user {args.name!r} in {store.description}; see imkit user list")
+            revoked = await store.revoke_tokens(args.name, args.device)
+        which = f"device {args.device} of {args.name}" if args.device else f"every device of {args.name}"
+        print(f"revoked {revoked} resume token(s) of {which}")
+
+    return revoke_tokens
 
 
 def _prepare_user_list(args: argparse.Namespace) -> Job:
