@@ -90,9 +90,13 @@ class StoreClosed(StoreError):
     """The store was used before ``open`` or after ``close`` (or after it failed)."""
 
 
+_SIGN_BIT = 2**63
+_U64 = 2**64
+
+
 def _to_signed(value: int) -> int:
     """Map an unsigned 64-bit client id onto SQLite's signed 64-bit INTEGER (two's complement)."""
-    return value - 2**64 if value >= 2**63 else value
+    return value - _U64 if value >= _SIGN_BIT else value
 
 
 def _from_signed(value: int) -> int:
@@ -374,21 +378,31 @@ def _append_run(connection: sqlite3.Connection, cache: _AppendCache, submissions
             members.update(missing)
         sender, device, sent_at = submission.sender, submission.sender_device, submission.sent_at
         client_msg_id = submission.client_msg_id
-        signed_id = _to_signed(client_msg_id)
-        count = len(submission.items)
-        messages = []
-        for index, item in enumerate(submission.items):
-            body = bytes(item.body)
-            remaining = count - 1 - index
-            seq = head + 1 + index
-            rows.append((server_id, conversation, seq, sender, device, signed_id, sent_at, item.content_type, body, remaining))
-            messages.append(
-                Message(server_id, conversation, seq, sender, device, client_msg_id, sent_at, item.content_type, body, remaining)
-            )
+        signed_id = client_msg_id if client_msg_id < _SIGN_BIT else client_msg_id - _U64
+        items = submission.items
+        count = len(items)
+        if count == 1:  # the common case, without the loop's bookkeeping
+            item = items[0]
+            body = item.body if type(item.body) is bytes else bytes(item.body)
+            seq = head + 1
+            rows.append((server_id, conversation, seq, sender, device, signed_id, sent_at, item.content_type, body, 0))
+            messages = (Message(server_id, conversation, seq, sender, device, client_msg_id, sent_at, item.content_type, body, 0),)
             server_id += 1
+        else:
+            bundle = []
+            for index, item in enumerate(items):
+                body = item.body if type(item.body) is bytes else bytes(item.body)
+                remaining = count - 1 - index
+                seq = head + 1 + index
+                rows.append((server_id, conversation, seq, sender, device, signed_id, sent_at, item.content_type, body, remaining))
+                bundle.append(
+                    Message(server_id, conversation, seq, sender, device, client_msg_id, sent_at, item.content_type, body, remaining)
+                )
+                server_id += 1
+            messages = tuple(bundle)
         dedupe_rows.append((sender, device, signed_id, conversation, head + 1, count))
         heads[conversation] = touched[conversation] = head + count
-        results.append(Appended(messages=tuple(messages)))
+        results.append(Appended(messages))
     connection.executemany(
         "INSERT INTO dedupe (sender, sender_device, client_msg_id, conversation, first_seq, count)"
         " VALUES (?, ?, ?, ?, ?, ?)",
