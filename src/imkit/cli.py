@@ -92,6 +92,13 @@ def _start_logging(verbose: bool) -> None:
 # Arguments ---------------------------------------------------------------------------------------
 
 
+def _password_source(parser: argparse.ArgumentParser, what: str) -> None:
+    """--password or --password-file (or, with neither, a prompt: see read_new_password)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--password", help=f"{what} (visible to other local users; prefer --password-file)")
+    source.add_argument("--password-file", metavar="FILE", help=f"read {what} from the first line of FILE")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="imkit", description="Manage imkit users, send messages and listen for them.")
     parser.set_defaults(prepare=None, prog="imkit")
@@ -107,9 +114,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add.set_defaults(prepare=_prepare_user_add, prog="imkit user add")
     add.add_argument("name", help="the new user's name (1-64 characters, no ':' or whitespace)")
     add.add_argument("--store", default=DEFAULT_STORE, help=store_help)
-    source = add.add_mutually_exclusive_group()
-    source.add_argument("--password", help="the password (visible to other local users; prefer --password-file)")
-    source.add_argument("--password-file", metavar="FILE", help="read the password from the first line of FILE")
+    _password_source(add, "the password")
 
     passwd = user_commands.add_parser(
         "passwd", help="change a user's password",
@@ -118,9 +123,7 @@ def _build_parser() -> argparse.ArgumentParser:
     passwd.set_defaults(prepare=_prepare_user_passwd, prog="imkit user passwd")
     passwd.add_argument("name", help="the user")
     passwd.add_argument("--store", default=DEFAULT_STORE, help=store_help)
-    source = passwd.add_mutually_exclusive_group()
-    source.add_argument("--password", help="the new password (visible to other local users; prefer --password-file)")
-    source.add_argument("--password-file", metavar="FILE", help="read the new password from the first line of FILE")
+    _password_source(passwd, "the new password")
 
     revoke = user_commands.add_parser(
         "revoke", help="revoke resume tokens",
