@@ -263,14 +263,9 @@ class Hub:
         conn.ack(packets.SendAck(cmid, int(code), 0, 0, 0, 0, "", reason))
 
     def _store(self, conn: ServerConnection, packet: Any, conversation: str, members: tuple[str, ...], items: tuple[Item, ...]) -> None:
+        # (sender, sender_device, client_msg_id, conversation, members, sent_at, items)
         submission = Submission(
-            sender=conn.user,  # type: ignore[arg-type]
-            sender_device=conn.device,  # type: ignore[arg-type]
-            client_msg_id=packet.client_msg_id,
-            conversation=conversation,
-            members=members,
-            sent_at=int(self.clock.seconds() * 1000),
-            items=items,
+            conn.user, conn.device, packet.client_msg_id, conversation, members, int(self.clock.seconds() * 1000), items  # type: ignore[arg-type]
         )
         if self.checks:
             d = self._run_checks(submission)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import attrs
 from twisted.internet import defer
@@ -314,9 +314,11 @@ def _cursors(connection: sqlite3.Connection, user: str, device: str) -> dict[str
 # The store -------------------------------------------------------------------------------------
 
 
-@attrs.frozen
-class _Operation:
-    """One queued call: what to run on the worker, whether it writes, and whom to tell."""
+class _Operation(NamedTuple):
+    """
+    One queued call: what to run on the worker, whether it writes, and whom to tell.  A named
+    tuple, not an attrs class: one is made per store call, on the reactor thread's hot path.
+    """
 
     function: Callable[..., Any]
     args: tuple
