@@ -225,7 +225,11 @@ class _Generator:
             elif field.shape == "record":
                 rec = self.record_names[id(field.record)]
                 out.append(f"    b_{field.name} = enc_{rec}(p.{field.name})")
-            if field.shape in ("str", "bytes", "list", "record"):
+            if field.shape in ("str", "bytes") and header is not None:
+                # A frame needs each length twice (its prefix and the frame's total): take it once.
+                out.append(f"    n_{field.name} = len(b_{field.name})")
+                var_lens.append(f"n_{field.name}")
+            elif field.shape in ("str", "bytes", "list", "record"):
                 var_lens.append(f"len(b_{field.name})")
         parts = []
         first = True
@@ -234,7 +238,7 @@ class _Generator:
             values = [f"p.{f.name}" for f in fixed]
             if var is not None and var.shape in ("str", "bytes"):
                 fmt += var.fmt
-                values.append(f"len(b_{var.name})")
+                values.append(f"n_{var.name}" if header is not None else f"len(b_{var.name})")
             elif var is not None and var.shape == "list":
                 fmt += var.fmt
                 values.append(f"len(c_{var.name})")
