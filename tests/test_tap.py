@@ -70,6 +70,7 @@ class OptionsTests(SynchronousTestCase):
             ("--tls-cert", "a.pem"): "pass --tls-cert and --tls-key together",
             ("--tls-profile", "old"): "intermediate or modern",
             ("--extension", "nope"): "MODULE:ATTRIBUTE",
+            ("--store", "sqlite:/nonexistent/dir/imkit.sqlite3"): "no such writable directory",
         }
         for argv, fix in cases.items():
             with self.assertRaises(usage.UsageError) as caught:
@@ -89,14 +90,42 @@ class OptionsTests(SynchronousTestCase):
             self.assertNotIn("\n", str(caught.exception))
 
     def test_twistd_reports_bad_options_in_one_line(self) -> None:
+        """Under twistd too, a bad option or listen string or certificate is one line on stderr."""
+        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+        cases = {
+            ("--store", "nope:"): "twistd imkit: unknown store 'nope:': use sqlite:PATH or memory:",
+            ("--listen", "tls:nope"): "twistd imkit: bad listen endpoint 'tls:nope'",
+            ("--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"): "twistd imkit: cannot",
+        }
+        for argv, start in cases.items():
+            with tempfile.TemporaryDirectory() as scratch:
+                result = subprocess.run(
+                    [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "imkit", "--store", "memory:", *argv],
+                    capture_output=True, text=True, cwd=scratch, env=env, timeout=120,
+                )
+            self.assertEqual(result.returncode, 1)
+            self.assertEqual(result.stdout, "")
+            self.assertTrue(result.stderr.startswith(start), result.stderr)
+            self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+
+
+    def test_twistd_ends_with_one_line_when_the_port_is_taken(self) -> None:
+        """A listener that cannot listen ends the server with one error line, not an idle process."""
+        import socket
+
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
         env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
         with tempfile.TemporaryDirectory() as scratch:
             result = subprocess.run(
-                [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "imkit", "--store", "nope:"],
+                [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "imkit", "--store", "memory:",
+                 "--listen", f"tcp:{port}:interface=127.0.0.1"],
                 capture_output=True, text=True, cwd=scratch, env=env, timeout=120,
             )
-        self.assertNotEqual(result.returncode, 0)
-        self.assertIn("unknown store 'nope:': use sqlite:PATH or memory:", result.stdout + result.stderr)
+        self.assertIn("imkit could not start: Couldn't listen on 127.0.0.1", result.stdout)
         self.assertNotIn("Traceback", result.stdout + result.stderr)
 
 

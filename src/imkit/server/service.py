@@ -5,17 +5,19 @@ listening, flush and close the store.
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any, Sequence
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 
 from imkit.server.hub import Hub
 from imkit.server.protocol import IMServerFactory
 from imkit.session.settings import ServerSettings
-from imkit.store.interface import IStore
+from imkit.store.interface import IStore, StoreError
 
 
 class IMServerService(MultiService):
@@ -47,6 +49,7 @@ class IMServerService(MultiService):
         self.ports: list[IListeningPort] = []
         self._listening: defer.Deferred | None = None
         self._waiting: list[defer.Deferred] = []
+        self.stop_reactor_on_failure = False
 
     def startService(self) -> None:
         super().startService()
@@ -66,12 +69,20 @@ class IMServerService(MultiService):
             d.callback(list(self.ports))
 
     def _could_not_start(self, failure: Any) -> None:
-        self.log.failure("imkit could not start", failure)
+        if failure.check(CannotListenError, StoreError, sqlite3.Error):
+            # Configuration, not a bug: one line saying what, no traceback.
+            self.log.error("imkit could not start: {reason}", reason=failure.getErrorMessage())
+        else:
+            self.log.failure("imkit could not start", failure)
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.errback(failure)
-        if self.reactor.running:
-            self.reactor.stop()
+        if self.stop_reactor_on_failure:
+            # Under twistd a server that cannot serve should end, not idle.
+            if self.reactor.running:
+                self.reactor.stop()
+            else:
+                self.reactor.callWhenRunning(self.reactor.stop)
 
     def whenListening(self) -> defer.Deferred:
         """Deferred[list[IListeningPort]], fired once every endpoint is listening."""

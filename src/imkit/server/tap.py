@@ -7,6 +7,7 @@ development certificate and an SQLite database in the working directory.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.python import usage
@@ -62,6 +63,15 @@ class Options(usage.Options):
         ["token-ttl", None, 7 * 24 * 3600.0, "seconds a resume token lets a device reconnect without its password", _positive(float, "token-ttl")],
     ]
 
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            if getattr(self, "parent", None) is not None:
+                # Under twistd, which would print its whole usage text first: just the one line.
+                raise SystemExit(f"twistd imkit: {error}") from None
+            raise
+
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
@@ -94,6 +104,13 @@ class Options(usage.Options):
             self.store = store_from_string(self["store"])
         except StoreStringError as error:
             raise usage.UsageError(str(error)) from None
+        path = getattr(self.store, "path", None)
+        if path is not None:
+            directory = os.path.dirname(path) or "."
+            if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+                raise usage.UsageError(
+                    f"cannot create the store in {directory}: no such writable directory; pass --store sqlite:PATH in one"
+                )
         self.settings = ServerSettings(
             max_frame=self["max-frame"],
             heartbeat=self["heartbeat"],
@@ -126,9 +143,13 @@ def makeService(options: Options, reactor: Any = None, passwords: Passwords | No
     try:
         endpoints = [server_endpoint(reactor, description, tls_options) for description in options["listen"]]
     except (EndpointStringError, TLSConfigError) as error:
+        if getattr(options, "parent", None) is not None:
+            # twistd calls us after its own option handling: one line, not a traceback.
+            raise SystemExit(f"twistd imkit: {error}") from None
         raise usage.UsageError(str(error)) from None
     store = getattr(options, "store", None) or store_from_string(options["store"])
     service = IMServerService(store, passwords or Passwords(), endpoints, reactor, options.settings)
+    service.stop_reactor_on_failure = getattr(options, "parent", None) is not None  # run by twistd
     if len(options["extensions"]):
         service.hub.checks.append(options["extensions"].server_check)
     return service
