@@ -278,7 +278,9 @@ class DeliveryWindow:
 
     def __init__(self, settings: ServerSettings) -> None:
         self._settings = settings
-        self._frames: dict[tuple[str, int], tuple[bytes, float]] = {}
+        # key -> (frame, current timeout, first deadline): the deadline tells a FIFO entry of this
+        # frame from a stale one left by an earlier frame with the same key.
+        self._frames: dict[tuple[str, int], tuple[bytes, float, float]] = {}
         self._by_conversation: dict[str, list[int]] = {}
         self._fresh: deque[tuple[float, tuple[str, int]]] = deque()
         self._resent = DeadlineQueue()
@@ -297,7 +299,8 @@ class DeliveryWindow:
         if key in frames:
             return False
         timeout = self._settings.ack_timeout
-        frames[key] = (frame, timeout)
+        due = now + timeout
+        frames[key] = (frame, timeout, due)
         seqs = self._by_conversation.get(conversation)
         if seqs is None:
             self._by_conversation[conversation] = [seq]
@@ -305,7 +308,7 @@ class DeliveryWindow:
             seqs.append(seq)
             if seqs[-2] > seq:
                 seqs.sort()
-        self._fresh.append((now + timeout, key))
+        self._fresh.append((due, key))
         return True
 
     def ack(self, conversation: str, seq: int) -> None:
@@ -341,9 +344,10 @@ class DeliveryWindow:
         resent = self._resent
         while fresh:
             due, key = fresh[0]
-            if key in frames and key not in resent:
+            entry = frames.get(key)
+            if entry is not None and entry[2] == due and key not in resent:
                 return due
-            fresh.popleft()  # acknowledged (or already resent) since
+            fresh.popleft()  # acknowledged, already resent, or replaced since
         return None
 
     def next_deadline(self) -> float | None:
@@ -365,9 +369,9 @@ class DeliveryWindow:
         resend = []
         limit = self._settings.ack_timeout_max
         for key in overdue:
-            frame, timeout = self._frames[key]
+            frame, timeout, first_due = self._frames[key]
             timeout = min(timeout * 2, limit)
-            self._frames[key] = (frame, timeout)
+            self._frames[key] = (frame, timeout, first_due)
             self._resent.set(key, now + timeout)
             resend.append(frame[:5] + bytes([frame[5] | schema.FLAG_RESEND]) + frame[6:])
         return resend
