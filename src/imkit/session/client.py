@@ -280,23 +280,22 @@ class ClientCore:
         found.append(events.SendAcknowledged(ack.client_msg_id, ack))
         # Our own messages take their place in the conversation without a round trip.
         packet = pending.packet
-        items = (Item(packet.content_type, packet.body),) if isinstance(packet, packets.Send) else packet.items
-        released = []
-        count = len(items)
-        for index, item in enumerate(items):
-            message = Message(
-                server_id=ack.server_id + index,
-                conversation=ack.conversation,
-                seq=ack.seq + index,
-                sender=self.user,
-                sender_device=self.device,
-                client_msg_id=ack.client_msg_id,
-                sent_at=ack.sent_at,
-                content_type=item.content_type,
-                body=item.body,
-                bundle_remaining=count - 1 - index,
+        if type(packet) is packets.Send:
+            released = self.inbound.offer(
+                Message(
+                    ack.server_id, ack.conversation, ack.seq, self.user, self.device, ack.client_msg_id,
+                    ack.sent_at, packet.content_type, packet.body, 0,
+                )
             )
-            released.extend(self.inbound.offer(message))
+        else:
+            released = []
+            count = len(packet.items)
+            for index, item in enumerate(packet.items):
+                message = Message(
+                    ack.server_id + index, ack.conversation, ack.seq + index, self.user, self.device,
+                    ack.client_msg_id, ack.sent_at, item.content_type, item.body, count - 1 - index,
+                )
+                released.extend(self.inbound.offer(message))
         if released:
             found.append(events.MessagesDelivered(tuple(released)))
         if self.inbound.pending:

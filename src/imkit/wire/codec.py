@@ -179,7 +179,7 @@ class _Generator:
                 out.append("    pos = stop")
             elif var.shape == "list":
                 rec = self.record_names[id(var.record)]
-                out.append(f"    items = []")
+                out.append("    items = []")
                 out.append(f"    for _ in range({n}):")
                 out.append(f"        item, pos = dec_{rec}(buf, pos, end)")
                 out.append("        items.append(item)")
