@@ -184,11 +184,18 @@ class ServerProtocolTests(SynchronousTestCase):
         alice.send(
             codec.encode(packets.Send(1, schema.TARGET_USER, "nobody", "text/plain", b"?")),
             codec.encode(packets.Send(2, schema.TARGET_CONVERSATION, "dm:bob:carol", "text/plain", b"?")),
-            codec.encode(packets.Send(3, schema.TARGET_CONVERSATION, "group:secret", "text/plain", b"?")),
+            codec.encode(packets.Send(3, schema.TARGET_CONVERSATION, "g:secret", "text/plain", b"?")),
+            codec.encode(packets.Send(4, schema.TARGET_CONVERSATION, "group:secret", "text/plain", b"?")),
         )
         statuses = [(a.client_msg_id, a.status) for a in alice.received()]
         self.assertEqual(
-            statuses, [(1, ErrorCode.UNKNOWN_RECIPIENT), (2, ErrorCode.NOT_A_MEMBER), (3, ErrorCode.NOT_A_MEMBER)]
+            statuses,
+            [
+                (1, ErrorCode.UNKNOWN_RECIPIENT),
+                (2, ErrorCode.NOT_A_MEMBER),
+                (3, ErrorCode.NOT_A_MEMBER),
+                (4, ErrorCode.INVALID_TARGET),
+            ],
         )
         self.assertEqual(self.store.conversations("alice").result, {})
         self.assertFalse(alice.transport.disconnecting, "a refused send is not a protocol error")

@@ -46,11 +46,47 @@ class PluginTests(SynchronousTestCase):
         for option in (
             "--listen", "--tls-cert", "--tls-key", "--store", "--heartbeat", "--idle-timeout",
             "--login-timeout", "--ack-timeout", "--max-unacked", "--max-frame", "--max-body", "--extension",
+            "--policy", "--history-on-join", "--recall-window", "--edit-window", "--max-group-members",
+            "--max-devices", "--device-policy", "--new-device-history", "--retention", "--prune-interval",
         ):
             self.assertIn(option, text)
 
 
 class OptionsTests(SynchronousTestCase):
+    def test_conversation_options(self) -> None:
+        """The messaging policy and the conversation limits reach the rules and the hub's settings."""
+        options = parse(
+            "--store", "memory:", "--policy", "contacts", "--history-on-join", "--recall-window", "60",
+            "--edit-window", "300", "--max-group-members", "50", "--max-devices", "2", "--device-policy", "refuse",
+            "--new-device-history", "20", "--retention", "86400", "--prune-interval", "600",
+        )
+        policy = options.policy
+        self.assertEqual(
+            (policy.contacts_only, policy.history_on_join, policy.recall_window, policy.edit_window, policy.max_group_members),
+            (True, True, 60.0, 300.0, 50),
+        )
+        settings = options.settings
+        self.assertEqual(
+            (settings.max_devices, settings.device_policy, settings.new_device_history, settings.retention, settings.prune_interval),
+            (2, "refuse", 20, 86400.0, 600.0),
+        )
+        service = tap.makeService(options, reactor=reactor, passwords=Passwords.fast_for_tests())
+        self.assertIs(service.hub.policy, policy)
+        defaults = parse("--store", "memory:")
+        self.assertFalse(defaults.policy.contacts_only)
+        self.assertIsNone(defaults.settings.retention)
+
+    def test_bad_conversation_options_are_one_line(self) -> None:
+        for argv, fix in (
+            (("--policy", "friends"), "--policy is open or contacts"),
+            (("--device-policy", "kick"), "--device-policy is evict-oldest or refuse"),
+            (("--max-devices", "0"), "--max-devices must be greater than 0"),
+        ):
+            with self.assertRaises(usage.UsageError) as raised:
+                parse("--store", "memory:", *argv)
+            self.assertIn(fix, str(raised.exception))
+            self.assertNotIn("\n", str(raised.exception))
+
     def test_defaults(self) -> None:
         options = parse()
         self.assertEqual(options["listen"], ["tls:14000"])

@@ -81,6 +81,8 @@ def _value(field: codec._Field, min_items: int, raw_strings: bool) -> st.SearchS
         return st.binary(max_size=min(200, _max(field.fmt)))
     if field.shape == "list":
         return st.lists(_record(field.record, min_items, raw_strings), min_size=min_items, max_size=max(min_items, 3))
+    if field.shape == "ints":
+        return st.lists(st.integers(0, _max(field.record)), min_size=min_items, max_size=max(min_items, 4))
     if field.shape == "record":
         return _record(field.record, min_items, raw_strings)
     raise AssertionError(field.shape)
@@ -101,6 +103,8 @@ def to_packet(declaration: Struct, cls: type, values: Any) -> Any:
             value = to_packet(field.record, RECORD_CLASSES[id(field.record)], value)
         elif field.shape == "list":
             value = tuple(to_packet(field.record, RECORD_CLASSES[id(field.record)], item) for item in value)
+        elif field.shape == "ints":
+            value = tuple(value)
         fields[field.name] = value
     return cls(**fields)
 
@@ -114,6 +118,8 @@ def to_values(declaration: Struct, packet: Any) -> dict:
             value = to_values(field.record, value)
         elif field.shape == "list":
             value = [to_values(field.record, item) for item in value]
+        elif field.shape == "ints":
+            value = list(value)
         values[field.name] = value
     return values
 
@@ -132,6 +138,8 @@ def _simple_values(declaration: Struct) -> dict:
     for field in describe(declaration):
         if field.shape == "list":
             values[field.name] = [_simple_values(field.record)]
+        elif field.shape == "ints":
+            values[field.name] = [0]
         elif field.shape == "record":
             values[field.name] = _simple_values(field.record)
         else:
@@ -370,6 +378,8 @@ def _raw(declaration: Struct) -> Struct:
             con = Prefixed(FormatField(">", field.fmt), GreedyBytes)
         elif field.shape == "list":
             con = PrefixedArray(FormatField(">", field.fmt), _raw(field.record))
+        elif field.shape == "ints":
+            con = PrefixedArray(FormatField(">", field.fmt), FormatField(">", field.record))
         else:
             con = _raw(field.record)
         fields.append(field.name / con)
@@ -576,7 +586,8 @@ def _replace(obj: Any, declaration: Struct, path: tuple[str, ...], value: Any) -
 def test_out_of_range_int_is_an_encode_error(kind: int, data: st.DataObject) -> None:
     """Every integer field, top level or nested, refuses -1 and 2**bits instead of wrapping."""
     paths = _paths(schema.BODIES[kind], ("int",))
-    assume(paths)
+    if not paths:
+        pytest.skip("this packet has no integer field")
     path, field = data.draw(st.sampled_from(paths))
     bad = data.draw(st.sampled_from([-1, 2 ** BITS[field.fmt], -(2**70), 2**70]))
     packet = data.draw(packets_of(kind, min_items=1))

@@ -64,6 +64,8 @@ class Appended:
 
     messages: tuple[Message, ...]
     duplicate: bool = False
+    audience: tuple[str, ...] = ()
+    """Who should have the messages pushed (empty for a duplicate: they had them already)."""
 
 
 def direct_conversation(user_a: str, user_b: str) -> str:

@@ -12,19 +12,26 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections import deque
 from typing import Any, Iterable
+
+import attrs
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from imkit.checks import Rejected, SubmissionCheck
 from imkit.model import Appended, Item, Message, Submission, direct_conversation, direct_members
+from imkit.rules import Policy, Refused, is_group
+from imkit.server.requests import Requests
 from imkit.session import events
 from imkit.session.server import CLOSED, READY, ServerConnection
 from imkit.session.settings import ServerSettings
 from imkit.store.interface import IStore
-from imkit.wire import packets, schema
+from imkit.wire import codec, packets, schema
 from imkit.wire.errors import ErrorCode
+
+_encode_deliver = codec.CODECS[schema.DELIVER].encode
 
 _MAX_NAME = 64
 _MAX_ROUTES = 100_000
@@ -46,17 +53,26 @@ class Hub:
         passwords: Any,
         clock: Any,
         settings: ServerSettings = ServerSettings(),
+        policy: Policy = Policy(),
     ) -> None:
         self.store = store
+        self.policy = policy
         self.passwords = passwords
         self.clock = clock
         self.settings = settings
         self.checks: list[SubmissionCheck] = []
-        self._online: dict[str, set[ServerConnection]] = {}
-        self._known_users: set[str] = set()
+        self._online: dict[str, dict[ServerConnection, None]] = {}
+        """user -> their logged-in connections, oldest first."""
         self._routes: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
         """(sender, recipient) -> their direct conversation and its members, once the recipient is known."""
         self._dummy_hash: str | None = None
+        self._in_order: dict[tuple[str, str], deque] = {}
+        """(user, device) -> its sends waiting behind a slow check, oldest first."""
+        self._fan_outs: deque[_FanOut] = deque()
+        self._fan_out_call: Any = None
+        self.stopping = False
+        self.requests = Requests(self)
+        self.ephemeral = self.requests
 
     # Connections -------------------------------------------------------------------------------
 
@@ -66,15 +82,17 @@ class Hub:
     def connection_lost(self, conn: ServerConnection) -> None:
         if conn.user is not None:
             devices = self._online.get(conn.user)
-            if devices is not None:
-                devices.discard(conn)
+            if devices is not None and conn in devices:
+                del devices[conn]
                 if not devices:
                     del self._online[conn.user]
+                self.ephemeral.device_offline(conn)
         if conn.state != CLOSED:
             conn.close(ErrorCode.OK, "connection lost", say_bye=False)
 
     def shutdown(self, reason: str = "server is shutting down") -> None:
         """Say goodbye to every connection (unacknowledged sends will be resent elsewhere)."""
+        self.stopping = True
         for devices in list(self._online.values()):
             for conn in list(devices):
                 conn.close(ErrorCode.SHUTTING_DOWN, reason)
@@ -91,6 +109,8 @@ class Hub:
                 self._later(conn, self._sync(conn, event.packet))
             elif kind is events.LoginRequested:
                 self._later(conn, self._login(conn, event))
+            elif kind is events.RequestReceived:
+                self._later(conn, self.requests.handle(conn, event.packet))
             elif kind is events.WindowOpened:
                 self._later(conn, self._send_heads(conn, event.conversations))
             elif kind is events.ConnectionClosing:
@@ -138,9 +158,31 @@ class Hub:
         expires_at = int((self.clock.seconds() + self.settings.token_ttl) * 1000)
         d = self.store.set_token(_digest(token), request.user, request.device, expires_at)
         d.addErrback(lambda failure: self.log.failure("could not record a resume token", failure))
-        self._known_users.add(request.user)
+        if not self._make_room(conn, request.user, request.device):
+            return
         conn.accept_login(request.user, request.device, token)
-        self._online.setdefault(request.user, set()).add(conn)
+        self._online.setdefault(request.user, {})[conn] = None
+        self.ephemeral.device_online(conn)
+
+    def _make_room(self, conn: ServerConnection, user: str, device: str) -> bool:
+        """
+        One connection per device (a new login replaces a stale one), and at most
+        ``max_devices`` devices per user: the oldest makes way, or the newcomer is refused.
+        """
+        devices = self._online.get(user, {})
+        for other in [other for other in devices if other.device == device]:
+            other.close(ErrorCode.OK, "this device logged in again on another connection")
+            self.connection_lost(other)
+        devices = self._online.get(user, {})
+        if len(devices) < self.settings.max_devices:
+            return True
+        if self.settings.device_policy == "refuse":
+            conn.reject_login(ErrorCode.TOO_MANY_DEVICES, f"already logged in on {len(devices)} devices, the most allowed")
+            return False
+        oldest = next(iter(devices))
+        oldest.close(ErrorCode.TOO_MANY_DEVICES, "logged out: a newer device of this user logged in")
+        self.connection_lost(oldest)
+        return True
 
     async def _password_valid(self, request: events.LoginRequested) -> bool:
         try:
@@ -178,51 +220,86 @@ class Hub:
     # Sending -----------------------------------------------------------------------------------
 
     def _submit(self, conn: ServerConnection, packet: packets.Send | packets.Bundle) -> None:
-        if type(packet) is packets.Send and packet.target_type == schema.TARGET_USER:
-            # The common case, a message to someone written to before: no lookups at all.
-            route = self._routes.get((conn.user, packet.target))
-            if route is not None and len(packet.body) <= self.settings.max_body:
-                self._store(conn, packet, route[0], route[1], (Item(packet.content_type, packet.body),))
-                return
-        if isinstance(packet, packets.Send):
-            items: tuple[Item, ...] = (Item(packet.content_type, packet.body),)
-        else:
-            items = packet.items
-        problem = self._check_size(items)
-        if problem is not None:
-            self._refuse(conn, packet.client_msg_id, ErrorCode.TOO_LARGE, problem)
-            return
         sender = conn.user
         assert sender is not None
-        target = packet.target
-        if packet.target_type == schema.TARGET_USER:
-            if target == sender or target in self._known_users:
+        target_type = packet.target_type
+        if type(packet) is packets.Send:
+            items: tuple[Item, ...] = (Item(packet.content_type, packet.body),)
+            simple = len(packet.body) <= self.settings.max_body
+        else:
+            items = packet.items
+            simple = False
+        if not simple:
+            problem = self._check_size(items)
+            if problem is not None:
+                self._refuse(conn, packet.client_msg_id, ErrorCode.TOO_LARGE, problem)
+                return
+        if target_type == schema.TARGET_USER:
+            # The common case, a message to someone written to before: no work at all.
+            route = self._routes.get((sender, packet.target))
+            if route is None:
+                target = packet.target
+                if not valid_name(target):
+                    self._refuse(conn, packet.client_msg_id, ErrorCode.UNKNOWN_RECIPIENT, f"no user named {target!r}")
+                    return
                 route = (direct_conversation(sender, target), _pair(sender, target))
                 if len(self._routes) >= _MAX_ROUTES:
                     self._routes.clear()
                 self._routes[(sender, target)] = route
-                self._store(conn, packet, route[0], route[1], items)
-                return
-            d = self.store.password_hash(target)
-            d.addCallback(self._recipient_checked, conn, packet, items)
-            d.addErrback(self._failed, conn)
-            return
-        if packet.target_type == schema.TARGET_CONVERSATION:
-            members = direct_members(target)
-            if members is not None and sender in members:
-                other = members[0] if members[1] == sender else members[1]
-                if other == sender or other in self._known_users:
-                    self._store(conn, packet, target, members, items)
+            conversation, members = route
+        elif target_type == schema.TARGET_CONVERSATION:
+            conversation = packet.target
+            pair = direct_members(conversation)
+            if pair is not None:
+                if sender not in pair:
+                    self._refuse(conn, packet.client_msg_id, ErrorCode.NOT_A_MEMBER, "you are not a member of that conversation")
                     return
-                d = self.store.password_hash(other)
-                d.addCallback(self._recipient_checked, conn, packet, items)
-                d.addErrback(self._failed, conn)
+                members = _pair(*pair)
+            elif is_group(conversation):
+                members = ()
+            else:
+                self._refuse(conn, packet.client_msg_id, ErrorCode.INVALID_TARGET, f"{conversation!r} is not a conversation id")
                 return
-            d = self.store.members(target)
-            d.addCallback(self._membership_checked, conn, packet, items)
-            d.addErrback(self._failed, conn)
+        elif target_type == schema.TARGET_NEW_GROUP:
+            if packet.target:
+                self._refuse(conn, packet.client_msg_id, ErrorCode.INVALID_TARGET, "a new group's target is empty: the server names it")
+                return
+            # A resend gets a fresh name here, but the store answers it with the original group.
+            conversation, members = "g:" + secrets.token_urlsafe(12), ()
+        else:
+            self._refuse(conn, packet.client_msg_id, ErrorCode.INVALID_TARGET, f"unknown target type {target_type}")
             return
-        self._refuse(conn, packet.client_msg_id, ErrorCode.INVALID_TARGET, f"unknown target type {packet.target_type}")
+        submission = Submission(
+            sender, conn.device, packet.client_msg_id, conversation, members, int(self.clock.seconds() * 1000), items  # type: ignore[arg-type]
+        )
+        key = (sender, conn.device)
+        waiting = self._in_order.get(key)
+        if waiting is None and not self.checks:
+            self._append(conn, submission)
+            return
+        # Checks may take a while: this device's later sends wait behind them, so the store still
+        # gets every device's sends in the order the device sent them.
+        if waiting is None:
+            waiting = self._in_order[key] = deque()
+            waiting.append((conn, submission))
+            self._later(conn, self._drain(key, waiting))
+        else:
+            waiting.append((conn, submission))
+
+    async def _drain(self, key: tuple[str, str], waiting: deque) -> None:
+        try:
+            while waiting:
+                conn, submission = waiting[0]
+                try:
+                    await self._run_checks(submission)
+                except Rejected as error:
+                    self._refuse(conn, submission.client_msg_id, error.code, error.reason)
+                else:
+                    self._append(conn, submission)
+                waiting.popleft()
+        finally:
+            if self._in_order.get(key) is waiting:
+                del self._in_order[key]
 
     def _check_size(self, items: tuple[Item, ...]) -> str | None:
         if not items:
@@ -236,62 +313,28 @@ class Hub:
             return f"bundle of {total} bytes exceeds the limit of {self.settings.max_frame // 2}"
         return None
 
-    def _recipient_checked(self, stored_hash: str | None, conn: ServerConnection, packet: Any, items: tuple[Item, ...]) -> None:
-        sender = conn.user
-        assert sender is not None
-        if packet.target_type == schema.TARGET_USER:
-            recipient = packet.target
-            conversation = direct_conversation(sender, recipient)
-        else:
-            conversation = packet.target
-            a, b = direct_members(conversation)  # type: ignore[misc]
-            recipient = a if b == sender else b
-        if stored_hash is None:
-            self._refuse(conn, packet.client_msg_id, ErrorCode.UNKNOWN_RECIPIENT, f"no user named {recipient!r}")
-            return
-        self._known_users.add(recipient)
-        self._store(conn, packet, conversation, _pair(sender, recipient), items)
-
-    def _membership_checked(self, members: tuple[str, ...], conn: ServerConnection, packet: Any, items: tuple[Item, ...]) -> None:
-        if conn.user not in members:
-            # Same answer whether or not the conversation exists: nothing leaks to non-members.
-            self._refuse(conn, packet.client_msg_id, ErrorCode.NOT_A_MEMBER, "you are not a member of that conversation")
-            return
-        self._store(conn, packet, packet.target, members, items)
-
     def _refuse(self, conn: ServerConnection, cmid: int, code: ErrorCode, reason: str) -> None:
         conn.ack(packets.SendAck(cmid, int(code), 0, 0, 0, 0, "", reason))
 
-    def _store(self, conn: ServerConnection, packet: Any, conversation: str, members: tuple[str, ...], items: tuple[Item, ...]) -> None:
-        # (sender, sender_device, client_msg_id, conversation, members, sent_at, items)
-        submission = Submission(
-            conn.user, conn.device, packet.client_msg_id, conversation, members, int(self.clock.seconds() * 1000), items  # type: ignore[arg-type]
-        )
-        if self.checks:
-            d = self._run_checks(submission)
-            d.addCallback(lambda _: self.store.append(submission))
-        else:
-            d = self.store.append(submission)
-        d.addCallbacks(self._stored, self._not_stored, (conn, members), None, (conn, packet.client_msg_id))
+    def _append(self, conn: ServerConnection, submission: Submission) -> None:
+        d = self.store.append(submission, self.policy)
+        d.addCallbacks(self._stored, self._not_stored, (conn,), None, (conn, submission.client_msg_id))
 
-    def _run_checks(self, submission: Submission) -> defer.Deferred:
-        async def run() -> None:
-            for item in submission.items:
-                for check in self.checks:
-                    result = check(submission.sender, submission.sender_device, submission.conversation, item)
-                    if isinstance(result, defer.Deferred):
-                        await result
-
-        return defer.ensureDeferred(run())
+    async def _run_checks(self, submission: Submission) -> None:
+        for item in submission.items:
+            for check in self.checks:
+                result = check(submission.sender, submission.sender_device, submission.conversation, item)
+                if isinstance(result, defer.Deferred):
+                    await result
 
     def _not_stored(self, failure: Any, conn: ServerConnection, cmid: int) -> None:
-        if failure.check(Rejected):
-            error = failure.value
-            self._refuse(conn, cmid, error.code, error.reason)
+        error = failure.check(Refused, Rejected)
+        if error is not None:
+            self._refuse(conn, cmid, failure.value.code, failure.value.reason)
             return
         self._failed(failure, conn)
 
-    def _stored(self, appended: Appended, conn: ServerConnection, members: tuple[str, ...]) -> None:
+    def _stored(self, appended: Appended, conn: ServerConnection) -> None:
         messages = appended.messages
         first = messages[0]
         conn.ack(
@@ -300,22 +343,52 @@ class Hub:
             )
         )
         if not appended.duplicate:
-            self.fan_out(messages, members, conn)
+            self.fan_out(messages, appended.audience, conn)
 
     def fan_out(self, messages: tuple[Message, ...], members: Iterable[str], origin: ServerConnection | None = None) -> None:
-        """Push stored messages to every online device of every member but the one that sent them."""
+        """
+        Push stored messages to every online device of every member but the one that sent them.
+
+        The frame is encoded once for everybody.  A large group is served ``fan_out_slice``
+        members per reactor turn, and while such a fan-out is under way later ones queue behind
+        it, so no member ever gets a conversation's messages out of order.
+        """
+        members = tuple(members)
+        last = messages[-1]
+        if len(messages) == 1:
+            frame = _encode_deliver(packets.Deliver(last))
+        else:
+            frame = codec.encode(packets.DeliverBundle(messages))
+        if self._fan_outs or len(members) > self.settings.fan_out_slice:
+            self._fan_outs.append(_FanOut(last.conversation, last.seq, frame, members, origin))
+            if self._fan_out_call is None:
+                self._fan_out_call = self.clock.callLater(0, self._continue_fan_outs)
+            return
+        self._push(last.conversation, last.seq, frame, members, origin)
+
+    def _push(self, conversation: str, seq: int, frame: bytes, members: Iterable[str], origin: ServerConnection | None) -> None:
         online = self._online
         for member in members:
             devices = online.get(member)
             if not devices:
                 continue
             for conn in devices:
-                if conn is origin or conn.state != READY:
-                    continue
-                if len(messages) == 1:
-                    conn.deliver(messages[0])
-                else:
-                    conn.deliver_bundle(messages)
+                if conn is not origin and conn.state == READY:
+                    conn.deliver_frame(conversation, seq, frame)
+
+    def _continue_fan_outs(self) -> None:
+        """One slice of the oldest queued fan-out per call, then yield the reactor."""
+        self._fan_out_call = None
+        if not self._fan_outs:
+            return
+        work = self._fan_outs[0]
+        size = self.settings.fan_out_slice
+        self._push(work.conversation, work.seq, work.frame, work.members[work.done : work.done + size], work.origin)
+        work.done += size
+        if work.done >= len(work.members):
+            self._fan_outs.popleft()
+        if self._fan_outs:
+            self._fan_out_call = self.clock.callLater(0, self._continue_fan_outs)
 
     # Acks, sync, heads -------------------------------------------------------------------------
 
@@ -323,36 +396,41 @@ class Hub:
         d = self.store.set_cursor(conn.user, conn.device, conversation, seq)
         d.addErrback(lambda failure: self.log.failure("could not record a delivery cursor", failure))
 
-    async def _is_member(self, conversation: str, user: str) -> bool:
-        members = direct_members(conversation)
-        if members is not None:
-            return user in members
-        return user in await self.store.members(conversation)
-
     async def _sync(self, conn: ServerConnection, request: packets.Sync) -> None:
         user, device = conn.user, conn.device
         store = self.store
         limit = min(request.limit or self.settings.sync_page, self.settings.sync_page)
         given = {cursor.conversation: cursor.seq for cursor in request.cursors}
         if request.flags & schema.SYNC_ONLY_LISTED:
-            heads = {}
+            spans = {}
             for conversation in given:
-                if await self._is_member(conversation, user):  # type: ignore[arg-type]
-                    heads[conversation] = await store.head(conversation)
+                span = await store.visibility(conversation, user)
+                if span is not None:
+                    spans[conversation] = span
                 else:
                     self.log.warn("{user} asked to sync {conversation!r}, not theirs", user=user, conversation=conversation)
-            starts = {conversation: given[conversation] for conversation in heads}
+            starts = {conversation: given[conversation] for conversation in spans}
         else:
-            heads = await store.conversations(user)
+            spans = await store.visible(user)
             server = await store.cursors(user, device) if request.flags & schema.SYNC_SERVER_CURSORS else {}
-            starts = {conversation: given.get(conversation, server.get(conversation, 0)) for conversation in heads}
+            depth = self.settings.new_device_history
+            starts = {}
+            for conversation, (floor, upto) in spans.items():
+                start = given.get(conversation, server.get(conversation))
+                if start is None:
+                    # A device we have never seen starts with recent history only, if so configured.
+                    start = 0 if depth is None or not request.flags & schema.SYNC_SERVER_CURSORS or server else max(upto - depth, 0)
+                starts[conversation] = start
         ranges = []
         messages: list[Message] = []
         budget = self.settings.max_frame // 2
         more = False
-        for conversation in sorted(heads):
-            start = min(starts[conversation], heads[conversation])
-            ranges.append(packets.Range(conversation, start, heads[conversation]))
+        for conversation in sorted(spans):
+            floor, upto = spans[conversation]
+            # Below the floor is gone (pruned, or before this member could see it): the range
+            # starts above it, and the client reports the hole instead of waiting for it.
+            start = min(max(starts[conversation], floor), upto)
+            ranges.append(packets.Range(conversation, start, upto))
         for span in ranges:
             if span.from_seq >= span.head_seq:
                 continue
@@ -363,23 +441,50 @@ class Hub:
             page = await store.read(span.conversation, span.from_seq, room)
             taken = 0
             for message in page:
+                if message.seq > span.head_seq:
+                    break  # a former member sees nothing after the event that removed them
                 cost = len(message.body) + len(message.content_type) + len(message.conversation) + _PER_MESSAGE_OVERHEAD
                 if budget < cost and messages and not messages[-1].bundle_remaining:
                     break  # page full; a bundle is never cut, so this is a bundle boundary
                 budget -= cost
                 messages.append(message)
                 taken += 1
-            if taken < len(page) or (page and page[-1].seq < span.head_seq):
+            if taken < len(page) and page[taken].seq <= span.head_seq or (page and page[-1].seq < span.head_seq):
                 more = True
                 break
         if conn.state == READY:
             conn.send_packet(packets.SyncResult(request.request_id, more, tuple(ranges), tuple(messages)))
 
+    def prune(self) -> defer.Deferred:
+        """Apply retention now. Deferred[dict]: the new floor of every conversation that was pruned."""
+        d = self.store.prune(int(self.clock.seconds() * 1000), self.settings.retention)
+
+        def pruned(floors: dict[str, int]) -> dict[str, int]:
+            if floors:
+                self.log.info("retention pruned {count} conversations", count=len(floors))
+            return floors
+
+        return d.addCallback(pruned)
+
     async def _send_heads(self, conn: ServerConnection, conversations: tuple[str, ...]) -> None:
         heads = []
         for conversation in conversations:
-            heads.append(packets.Cursor(conversation, await self.store.head(conversation)))
+            span = await self.store.visibility(conversation, conn.user)
+            if span is not None:
+                heads.append(packets.Cursor(conversation, span[1]))
         conn.announce_heads(tuple(heads))
+
+
+@attrs.define
+class _FanOut:
+    """A large group's message on its way out, ``done`` members at a time."""
+
+    conversation: str
+    seq: int
+    frame: bytes
+    members: tuple[str, ...]
+    origin: ServerConnection | None
+    done: int = 0
 
 
 def _digest(token: bytes) -> str:

@@ -9,11 +9,12 @@ import sqlite3
 from typing import Any, Sequence
 
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 
+from imkit.rules import Policy
 from imkit.server.hub import Hub
 from imkit.server.protocol import IMServerFactory
 from imkit.session.settings import ServerSettings
@@ -38,12 +39,15 @@ class IMServerService(MultiService):
         endpoints: Sequence[IStreamServerEndpoint],
         reactor: Any,
         settings: ServerSettings = ServerSettings(),
+        policy: Policy = Policy(),
     ) -> None:
         super().__init__()
         self.store = store
         self.reactor = reactor
         self.settings = settings
-        self.hub = Hub(store, passwords, reactor, settings)
+        self.hub = Hub(store, passwords, reactor, settings, policy)
+        self._pruning = task.LoopingCall(self._prune)
+        self._pruning.clock = reactor
         self.factory = IMServerFactory(self.hub, settings, reactor)
         self.endpoints = list(endpoints)
         self.ports: list[IListeningPort] = []
@@ -64,9 +68,16 @@ class IMServerService(MultiService):
             self.ports.append(port)
             address = port.getHost()
             self.log.info("listening on {host}:{port}", host=getattr(address, "host", address), port=getattr(address, "port", ""))
+        self._pruning.start(self.settings.prune_interval, now=True)
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(list(self.ports))
+
+    def _prune(self) -> defer.Deferred:
+        """Retention: drop what conversations (or the server) keep no longer; errors wait for next time."""
+        d = self.hub.prune()
+        d.addErrback(lambda failure: self.log.failure("pruning old messages failed", failure))
+        return d
 
     def _could_not_start(self, failure: Any) -> None:
         if failure.check(CannotListenError, StoreError, sqlite3.Error):
@@ -99,6 +110,8 @@ class IMServerService(MultiService):
         if self._listening is not None and not self._listening.called:
             self._listening.cancel()
         await super().stopService()
+        if self._pruning.running:
+            self._pruning.stop()
         ports, self.ports = self.ports, []
         await defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
         self.hub.shutdown()

@@ -16,6 +16,7 @@ from imkit.endpoints import EndpointStringError, server_endpoint
 from imkit.extensions import ExtensionError, Extensions
 from imkit.extensions import load as load_extensions
 from imkit.passwords import Passwords
+from imkit.rules import Policy
 from imkit.server.service import IMServerService
 from imkit.session.settings import ServerSettings
 from imkit.store import StoreStringError, store_from_string
@@ -61,6 +62,19 @@ class Options(usage.Options):
         ["max-body", None, 262144, "largest message body accepted, in bytes", _positive(int, "max-body")],
         ["sync-page", None, 500, "messages per sync answer at most", _positive(int, "sync-page")],
         ["token-ttl", None, 7 * 24 * 3600.0, "seconds a resume token lets a device reconnect without its password", _positive(float, "token-ttl")],
+        ["policy", None, "open", "who may message whom: open (anyone, unless blocked) or contacts (only mutual contacts)"],
+        ["recall-window", None, 120.0, "seconds during which a sender may recall a message", _positive(float, "recall-window")],
+        ["edit-window", None, 900.0, "seconds during which a sender may edit a message", _positive(float, "edit-window")],
+        ["max-group-members", None, 10000, "members of one group at most", _positive(int, "max-group-members")],
+        ["max-devices", None, 10, "devices of one user logged in at once", _positive(int, "max-devices")],
+        ["device-policy", None, "evict-oldest", "at the device limit a new login evict-oldest (logs the oldest device out) or refuse"],
+        ["new-device-history", None, None, "messages per conversation a never-seen device gets on its first sync [default: all]", _positive(int, "new-device-history")],
+        ["retention", None, None, "seconds messages are kept, server-wide [default: for ever]; conversations may set their own", _positive(float, "retention")],
+        ["prune-interval", None, 3600.0, "seconds between retention passes", _positive(float, "prune-interval")],
+    ]
+
+    optFlags = [
+        ["history-on-join", None, "members added to a group can read what was said before they joined"],
     ]
 
     def parseOptions(self, options: Any = None) -> None:
@@ -104,6 +118,17 @@ class Options(usage.Options):
             self.store = store_from_string(self["store"])
         except StoreStringError as error:
             raise usage.UsageError(str(error)) from None
+        if self["policy"] not in ("open", "contacts"):
+            raise usage.UsageError(f"--policy is open or contacts, not {self['policy']!r}")
+        if self["device-policy"] not in ("evict-oldest", "refuse"):
+            raise usage.UsageError(f"--device-policy is evict-oldest or refuse, not {self['device-policy']!r}")
+        self.policy = Policy(
+            contacts_only=self["policy"] == "contacts",
+            history_on_join=bool(self["history-on-join"]),
+            recall_window=self["recall-window"],
+            edit_window=self["edit-window"],
+            max_group_members=self["max-group-members"],
+        )
         path = getattr(self.store, "path", None)
         if path is not None:
             directory = os.path.dirname(path) or "."
@@ -121,6 +146,11 @@ class Options(usage.Options):
             sync_page=self["sync-page"],
             max_body=self["max-body"],
             token_ttl=self["token-ttl"],
+            max_devices=self["max-devices"],
+            device_policy=self["device-policy"],
+            new_device_history=self["new-device-history"],
+            retention=self["retention"],
+            prune_interval=self["prune-interval"],
         )
 
 
@@ -148,7 +178,7 @@ def makeService(options: Options, reactor: Any = None, passwords: Passwords | No
             raise SystemExit(f"twistd imkit: {error}") from None
         raise usage.UsageError(str(error)) from None
     store = getattr(options, "store", None) or store_from_string(options["store"])
-    service = IMServerService(store, passwords or Passwords(), endpoints, reactor, options.settings)
+    service = IMServerService(store, passwords or Passwords(), endpoints, reactor, options.settings, options.policy)
     service.stop_reactor_on_failure = getattr(options, "parent", None) is not None  # run by twistd
     if len(options["extensions"]):
         service.hub.checks.append(options["extensions"].server_check)

@@ -30,6 +30,9 @@ AWAIT_LOGIN_RESULT = "await-login-result"
 READY = "ready"
 
 # Which server packets are legal in which client state.
+_NOTICES = frozenset((schema.RECEIPT, schema.TYPING_NOTICE, schema.PRESENCE_NOTICE))
+_ANSWERS = frozenset((schema.RECEIPTS_RESULT, schema.QUERY_RESULT))
+
 ALLOWED = {
     schema.HELLO_OK: {AWAIT_HELLO_OK},
     schema.LOGIN_RESULT: {AWAIT_LOGIN_RESULT},
@@ -38,6 +41,11 @@ ALLOWED = {
     schema.DELIVER_BUNDLE: {READY},
     schema.SYNC_RESULT: {READY},
     schema.HEADS: {READY},
+    schema.RECEIPT: {READY},
+    schema.RECEIPTS_RESULT: {READY},
+    schema.TYPING_NOTICE: {READY},
+    schema.PRESENCE_NOTICE: {READY},
+    schema.QUERY_RESULT: {READY},
     schema.PING: {AWAIT_LOGIN_RESULT, READY},
     schema.PONG: {AWAIT_LOGIN_RESULT, READY},
     schema.ERROR: {AWAIT_HELLO_OK, AWAIT_LOGIN_RESULT, READY},
@@ -111,6 +119,21 @@ class ClientCore:
         cmid = self._new_id()
         self._queue(cmid, packets.Bundle(cmid, target_type, target, tuple(items)))
         return cmid
+
+    def request(self, packet: Any) -> bool:
+        """
+        Write a packet outside the reliable stream (read mark, typing, presence, query) now.
+        False if not logged in: such packets are never queued, since a late one is a wrong one.
+        """
+        if self.state != READY:
+            return False
+        self._write(codec.encode(packet))
+        return True
+
+    def new_request_id(self) -> int:
+        """A request id for a query, distinct from the session's own sync requests."""
+        self._request_ids = (self._request_ids % 0xFFFFFFFF) + 1
+        return self._request_ids
 
     def cancel(self, client_msg_id: int) -> bool:
         """Stop resending a send (it may already be stored). True if it was still pending."""
@@ -219,6 +242,10 @@ class ClientCore:
                 elif self.inbound.knows(head.conversation):
                     # We have it all already: say so, or the server keeps repeating the Heads.
                     self.inbound.ack_due.add(head.conversation)
+        elif kind in _NOTICES:
+            found.append(events.NoticeReceived(packet))
+        elif kind in _ANSWERS:
+            found.append(events.AnswerReceived(packet))
         elif kind == schema.PING:
             self._write(codec.encode(packets.Pong(packet.nonce)))
         elif kind == schema.PONG:
@@ -327,7 +354,13 @@ class ClientCore:
         for message in result.messages:
             released.extend(self.inbound.offer(message))
         for span in result.ranges:
-            released.extend(self.inbound.start(span.conversation, span.from_seq))
+            known = self.inbound.delivered.get(span.conversation)
+            if known is not None and span.from_seq > known:
+                # The server starts us later than where we are: say so, never a silent gap.
+                found.append(events.HistoryUnavailable(span.conversation, known, span.from_seq))
+                released.extend(self.inbound.skip_to(span.conversation, span.from_seq))
+            else:
+                released.extend(self.inbound.start(span.conversation, span.from_seq))
         if purpose == "stale":
             pass
         elif result.more:

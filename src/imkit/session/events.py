@@ -7,6 +7,8 @@ library (which owns the Deferreds and the application callbacks).
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from imkit.model import Message
@@ -38,6 +40,16 @@ class DeliveryAcked:
 @attrs.frozen
 class SyncRequested:
     packet: Sync
+
+
+@attrs.frozen
+class RequestReceived:
+    """
+    A packet outside the reliable stream: a read mark, typing, presence, or a query.  The hub
+    answers (or forwards) it; nothing here is stored by the session.
+    """
+
+    packet: Any
 
 
 @attrs.frozen
@@ -97,6 +109,32 @@ class MessagesDelivered:
     """Messages for the application, in sequence order per conversation, each exactly once."""
 
     messages: tuple[Message, ...]
+
+
+@attrs.frozen
+class NoticeReceived:
+    """An ephemeral packet from the server: a receipt, a typing notice or a presence notice."""
+
+    packet: Any
+
+
+@attrs.frozen
+class AnswerReceived:
+    """The server's answer to a query the application sent (matched by ``request_id``)."""
+
+    packet: Any
+
+
+@attrs.frozen
+class HistoryUnavailable:
+    """
+    Messages ``after``+1 .. ``upto`` of a conversation will never arrive: pruned by retention,
+    before this user joined, or older than a new device's history depth.  Said, never silent.
+    """
+
+    conversation: str
+    after: int
+    upto: int
 
 
 @attrs.frozen

@@ -30,6 +30,17 @@ class Inbound:
         self.delivered[conversation] = seq
         return self._release(conversation)
 
+    def skip_to(self, conversation: str, seq: int) -> list[Message]:
+        """
+        The server says nothing up to ``seq`` will ever come (pruned, or before we could see it):
+        move past it and release what was waiting behind the hole.
+        """
+        if self.delivered.get(conversation, 0) >= seq:
+            return []
+        self.delivered[conversation] = seq
+        self.ack_due.add(conversation)
+        return self._release(conversation)
+
     def offer(self, message: Message) -> list[Message]:
         """Take one received message; return those now deliverable, in order."""
         conversation = message.conversation

@@ -35,6 +35,11 @@ ALLOWED = {
     schema.BUNDLE: {READY},
     schema.DELIVER_ACK: {READY},
     schema.SYNC: {READY},
+    schema.READ: {READY},
+    schema.RECEIPTS_QUERY: {READY},
+    schema.TYPING: {READY},
+    schema.PRESENCE: {READY},
+    schema.QUERY: {READY},
     schema.PING: {AWAIT_LOGIN, AUTHENTICATING, READY},
     schema.PONG: {AWAIT_LOGIN, AUTHENTICATING, READY},
     schema.BYE: {AWAIT_HELLO, AWAIT_LOGIN, AUTHENTICATING, READY},
@@ -44,6 +49,8 @@ ALLOWED = {
 # here, where the packets are built by this module and known to be valid).
 _encode_deliver = codec.CODECS[schema.DELIVER].encode
 _encode_send_ack = codec.CODECS[schema.SEND_ACK].encode
+
+_REQUESTS = frozenset((schema.READ, schema.RECEIPTS_QUERY, schema.TYPING, schema.PRESENCE, schema.QUERY))
 
 _LOGIN_DEADLINE = "login"
 _IDLE_DEADLINE = "idle"
@@ -111,6 +118,8 @@ class ServerConnection:
             return events.SendRequested(packet)
         if kind == schema.SYNC:
             return events.SyncRequested(packet)
+        if kind in _REQUESTS:
+            return events.RequestReceived(packet)
         if kind == schema.PING:
             self._write(codec.encode(packets.Pong(packet.nonce)))
             return None
@@ -170,6 +179,12 @@ class ServerConnection:
             return False
         last = messages[-1]
         return self._push(last.conversation, last.seq, codec.encode(packets.DeliverBundle(messages)))
+
+    def deliver_frame(self, conversation: str, seq: int, frame: bytes) -> bool:
+        """Push a Deliver or DeliverBundle frame encoded once for many connections (group fan-out)."""
+        if self.state != READY:
+            return False
+        return self._push(conversation, seq, frame)
 
     def _push(self, conversation: str, seq: int, frame: bytes) -> bool:
         if not self._window.add(conversation, seq, frame, self.clock.seconds()):

@@ -30,6 +30,21 @@ class ServerSettings:
     """How long a resume token (issued at every login, replacing the device's previous one) lets a
     device reconnect without its password."""
     agent: str = "imkit"
+    max_devices: int = 10
+    """Devices of one user logged in at once."""
+    device_policy: str = "evict-oldest"
+    """At the device limit, a new login ``evict-oldest`` (closes the longest-connected device) or is ``refuse``d."""
+    new_device_history: int | None = None
+    """Messages per conversation a device with no cursors gets on its first sync (None: all)."""
+    retention: float | None = None
+    """Server-wide message TTL in seconds (None: keep for ever); conversations may set their own."""
+    prune_interval: float = 3600.0
+    fan_out_slice: int = 500
+    """Members served per reactor turn when a message goes to a large group."""
+    small_group: int = 100
+    """Up to this many members, receipt answers list every reader, not just counts."""
+    typing_interval: float = 1.0
+    """A device may send one typing or presence packet per this many seconds; more are dropped."""
 
 
 @attrs.frozen

@@ -54,15 +54,18 @@ class IStore(Interface):
 
     # Messages ----------------------------------------------------------------------------------
 
-    def append(submission):
+    def append(submission, policy):
         """
-        Store a Submission atomically and durably. Deferred[Appended].
+        Judge a Submission by ``imkit.rules.decide`` with ``policy`` (an ``imkit.rules.Policy``)
+        and store it atomically and durably with everything the decision changes (relations,
+        group membership, recalls, retention). Deferred[Appended], whose ``audience`` is the
+        decision's; fails with ``imkit.rules.Refused``, writing nothing, if the rules say no.
 
         All its items get consecutive sequence numbers in its conversation (one more than the
         conversation's head for the first), fresh unique server ids (consecutive within one submission: a client
         numbers its own bundle from the first id in its ack), the submission's sent_at and
         client_msg_id, and bundle_remaining counting down to 0.  The conversation is created and
-        ``submission.members`` are made members if needed.  If a submission with the same
+        ``submission.members`` are made members if needed (direct conversations).  If a submission with the same
         (sender, sender_device, client_msg_id) was stored before — even before a restart — nothing
         is written and the originally stored messages come back with ``duplicate=True``.
         The Deferred fires only once the write is durable.  It fails with ValueError, writing
@@ -80,10 +83,44 @@ class IStore(Interface):
         """Deferred[int]: the conversation's highest sequence number (0 if it has none)."""
 
     def members(conversation):
-        """Deferred[tuple[str, ...]]: the conversation's members, sorted (empty if unknown)."""
+        """Deferred[tuple[str, ...]]: the conversation's current members, sorted (empty if unknown)."""
 
     def conversations(user):
         """Deferred[dict[str, int]]: every conversation the user is a member of -> its head seq."""
+
+    def visible(user):
+        """
+        Deferred[dict[str, tuple[int, int]]]: every conversation the user may read (members now,
+        and former group members up to the event that removed them) -> (floor, upto): the user
+        may read sequences floor+1 .. upto.  The floor is raised by retention's pruning and, for
+        a group member who joined late without history, sits just below their join.
+        """
+
+    def visibility(conversation, user):
+        """Deferred[tuple[int, int] | None]: ``visible(user)[conversation]``, or None."""
+
+    def group(conversation):
+        """Deferred[imkit.rules.Group | None]: a group's owner, title and current members."""
+
+    def contacts(user):
+        """Deferred[dict[str, int]]: the user's relations (RELATION_CONTACT or RELATION_BLOCKED) by other user."""
+
+    def prune(now, default_ttl):
+        """
+        Retention: delete each conversation's oldest messages sent more than its TTL (its own
+        ``imkit/retention``, else ``default_ttl`` seconds; None keeps them) before ``now`` (ms),
+        whole prefixes only, raising the conversation's floor to the last deleted sequence.
+        Dedupe records of deleted messages go too.  Deferred[dict[str, int]]: new floor by
+        conversation, for those that changed.
+        """
+
+    # Read marks ------------------------------------------------------------------------------
+
+    def set_read(user, device, conversation, seq):
+        """Record that ``device`` of ``user`` has read ``conversation`` up to ``seq`` (forward only). Deferred[None]."""
+
+    def read_marks(conversation):
+        """Deferred[dict[str, int]]: per user, the furthest any of its devices has read."""
 
     # Delivery cursors --------------------------------------------------------------------------
 

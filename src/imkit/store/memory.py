@@ -10,11 +10,17 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import attrs
 from twisted.internet import defer
 from zope.interface import implementer
 
-from imkit.model import Appended, Message, Submission
+from imkit import rules
+from imkit.model import Appended, Message, Submission, direct_members
+from imkit.rules import Decision, Policy
 from imkit.store.interface import IStore, UnknownUser, UserExists
+from imkit.wire import schema
+
+DEFAULT_POLICY = Policy()
 
 U64_LIMIT = 2**64
 
@@ -41,6 +47,26 @@ def _answer(function: Callable[..., Any], *args: Any) -> defer.Deferred:
     return defer.succeed(result)
 
 
+class _MemoryView:
+    """The rules' questions, answered from the store's dicts."""
+
+    def __init__(self, store: "MemoryStore") -> None:
+        self._store = store
+
+    def user_exists(self, user: str) -> bool:
+        return user in self._store._users
+
+    def relation(self, owner: str, other: str) -> int:
+        return self._store._relations.get((owner, other), schema.RELATION_NONE)
+
+    def group(self, conversation: str) -> rules.Group | None:
+        return self._store._groups.get(conversation)
+
+    def message(self, conversation: str, seq: int) -> Message | None:
+        found = self._store._between(conversation, seq, seq)
+        return found[0] if found else None
+
+
 @implementer(IStore)
 class MemoryStore:
     """
@@ -56,7 +82,15 @@ class MemoryStore:
         self._users: dict[str, str] = {}
         self._messages: dict[str, list[Message]] = {}
         self._members: dict[str, set[str]] = {}
-        self._dedupe: dict[tuple[str, str, int], tuple[Message, ...]] = {}
+        self._dedupe: dict[tuple[str, str, int], tuple[str, int, int]] = {}
+        self._groups: dict[str, rules.Group] = {}
+        self._former: dict[str, dict[str, tuple[int, int]]] = {}
+        """Former group members: conversation -> user -> (visible_from, seq of their leaving)."""
+        self._relations: dict[tuple[str, str], int] = {}
+        self._floors: dict[str, int] = {}
+        self._retention: dict[str, int] = {}
+        self._reads: dict[str, dict[tuple[str, str], int]] = {}
+        self._view = _MemoryView(self)
         self._cursors: dict[tuple[str, str], dict[str, int]] = {}
         self._next_server_id = 1
         self._tokens: dict[tuple[str, str], tuple[str, int]] = {}
@@ -93,25 +127,30 @@ class MemoryStore:
 
     # Messages ----------------------------------------------------------------------------------
 
-    def append(self, submission: Submission) -> defer.Deferred:
-        return _answer(self._append, submission)
+    def append(self, submission: Submission, policy: Policy = DEFAULT_POLICY) -> defer.Deferred:
+        return _answer(self._append, submission, policy)
 
-    def _append(self, submission: Submission) -> Appended:
+    def _append(self, submission: Submission, policy: Policy) -> Appended:
         check_submission(submission)
         key = (submission.sender, submission.sender_device, submission.client_msg_id)
         original = self._dedupe.get(key)
         if original is not None:
-            return Appended(messages=original, duplicate=True)
-        stored = self._messages.setdefault(submission.conversation, [])
-        self._members.setdefault(submission.conversation, set()).update(submission.members)
+            conversation, first, count = original
+            return Appended(messages=tuple(self._between(conversation, first, first + count - 1)), duplicate=True)
+        conversation = submission.conversation
+        head = self._head(conversation)
+        decision = rules.decide(self._view, policy, submission, head)
+        stored = self._messages.setdefault(conversation, [])
+        if direct_members(conversation) is not None:
+            self._members.setdefault(conversation, set()).update(submission.members)
         count = len(submission.items)
         messages = []
         for index, item in enumerate(submission.items):
             messages.append(
                 Message(
                     server_id=self._next_server_id,
-                    conversation=submission.conversation,
-                    seq=len(stored) + 1,
+                    conversation=conversation,
+                    seq=head + 1 + index,
                     sender=submission.sender,
                     sender_device=submission.sender_device,
                     client_msg_id=submission.client_msg_id,
@@ -123,15 +162,55 @@ class MemoryStore:
             )
             self._next_server_id += 1
             stored.append(messages[-1])
-        self._dedupe[key] = tuple(messages)
-        return Appended(messages=tuple(messages))
+        self._apply(conversation, decision)
+        self._dedupe[key] = (conversation, head + 1, count)
+        return Appended(messages=tuple(messages), audience=decision.audience)
+
+    def _apply(self, conversation: str, decision: Decision) -> None:
+        for owner, other, relation in decision.relations:
+            if relation == schema.RELATION_NONE:
+                self._relations.pop((owner, other), None)
+            else:
+                self._relations[(owner, other)] = relation
+        if decision.created is not None:
+            self._groups[conversation] = decision.created
+        group = self._groups.get(conversation)
+        if group is not None:
+            members = dict(group.members)
+            former = self._former.setdefault(conversation, {})
+            for membership in decision.joins:
+                members[membership.user] = membership
+                former.pop(membership.user, None)
+            for user, seq in decision.leaves:
+                left = members.pop(user)
+                former[user] = (left.visible_from, seq)
+            owner = decision.owner or group.owner
+            if owner in members and members[owner].role != schema.ROLE_OWNER:
+                members[owner] = attrs.evolve(members[owner], role=schema.ROLE_OWNER)
+            self._groups[conversation] = rules.Group(owner, group.title, members)
+            self._members[conversation] = set(members)
+        for seq in decision.recalls:
+            stored = self._messages[conversation]
+            index = seq - self._floors.get(conversation, 0) - 1
+            if 0 <= index < len(stored):
+                stored[index] = attrs.evolve(stored[index], content_type=schema.RECALLED, body=b"")
+        if decision.retention is not None:
+            self._retention[conversation] = decision.retention
+
+    def _head(self, conversation: str) -> int:
+        return self._floors.get(conversation, 0) + len(self._messages.get(conversation, ()))
+
+    def _between(self, conversation: str, first: int, last: int) -> list[Message]:
+        floor = self._floors.get(conversation, 0)
+        stored = self._messages.get(conversation, [])
+        return stored[max(first - floor - 1, 0) : max(last - floor, 0)]
 
     def read(self, conversation: str, after_seq: int, limit: int) -> defer.Deferred:
         stored = self._messages.get(conversation, [])
         if limit <= 0:
             return defer.succeed([])
-        # seq n lives at index n - 1, so the slice starts right after after_seq.
-        start = max(after_seq, 0)
+        # seq n lives at index n - floor - 1, so the slice starts right after after_seq.
+        start = max(after_seq - self._floors.get(conversation, 0), 0)
         result = stored[start : start + limit]
         if result and result[-1].bundle_remaining:
             end = start + len(result)
@@ -139,7 +218,7 @@ class MemoryStore:
         return defer.succeed(result)
 
     def head(self, conversation: str) -> defer.Deferred:
-        return defer.succeed(len(self._messages.get(conversation, ())))
+        return defer.succeed(self._head(conversation))
 
     def members(self, conversation: str) -> defer.Deferred:
         return defer.succeed(tuple(sorted(self._members.get(conversation, ()))))
@@ -147,11 +226,88 @@ class MemoryStore:
     def conversations(self, user: str) -> defer.Deferred:
         return defer.succeed(
             {
-                conversation: len(self._messages.get(conversation, ()))
+                conversation: self._head(conversation)
                 for conversation, members in self._members.items()
                 if user in members
             }
         )
+
+    def visible(self, user: str) -> defer.Deferred:
+        return defer.succeed(self._visible(user))
+
+    def _visible(self, user: str) -> dict[str, tuple[int, int]]:
+        found = {}
+        for conversation, members in self._members.items():
+            span = self._span(conversation, user) if user in members else None
+            if span is not None:
+                found[conversation] = span
+        for conversation, former in self._former.items():
+            if user in former and conversation not in found:
+                span = self._span(conversation, user)
+                if span is not None:
+                    found[conversation] = span
+        return found
+
+    def _span(self, conversation: str, user: str) -> tuple[int, int] | None:
+        floor = self._floors.get(conversation, 0)
+        head = self._head(conversation)
+        group = self._groups.get(conversation)
+        if group is None:
+            members = self._members.get(conversation, ())
+            return (floor, head) if user in members else None
+        membership = group.members.get(user)
+        if membership is not None:
+            return (max(floor, membership.visible_from - 1), head)
+        former = self._former.get(conversation, {}).get(user)
+        if former is None:
+            return None
+        visible_from, left = former
+        return (min(max(floor, visible_from - 1), left), left)
+
+    def visibility(self, conversation: str, user: str) -> defer.Deferred:
+        return defer.succeed(self._span(conversation, user))
+
+    def group(self, conversation: str) -> defer.Deferred:
+        return defer.succeed(self._groups.get(conversation))
+
+    def contacts(self, user: str) -> defer.Deferred:
+        return defer.succeed({other: relation for (owner, other), relation in self._relations.items() if owner == user})
+
+    def prune(self, now: int, default_ttl: float | None) -> defer.Deferred:
+        changed = {}
+        for conversation, stored in self._messages.items():
+            ttl = self._retention.get(conversation) or default_ttl
+            if not ttl or not stored:
+                continue
+            cutoff = now - ttl * 1000
+            count = 0
+            while count < len(stored) and stored[count].sent_at < cutoff:
+                count += 1
+            if count:
+                floor = stored[count - 1].seq
+                del stored[:count]
+                self._floors[conversation] = floor
+                changed[conversation] = floor
+        if changed:
+            for key, (conversation, first, _count) in list(self._dedupe.items()):
+                if first <= changed.get(conversation, 0):
+                    del self._dedupe[key]
+        return defer.succeed(changed)
+
+    # Read marks --------------------------------------------------------------------------------
+
+    def set_read(self, user: str, device: str, conversation: str, seq: int) -> defer.Deferred:
+        marks = self._reads.setdefault(conversation, {})
+        if seq > marks.get((user, device), 0):
+            marks[(user, device)] = seq
+        return defer.succeed(None)
+
+    def read_marks(self, conversation: str) -> defer.Deferred:
+        found: dict[str, int] = {}
+        for (user, _device), seq in self._reads.get(conversation, {}).items():
+            if seq > found.get(user, 0):
+                found[user] = seq
+        return defer.succeed(found)
 
     # Delivery cursors --------------------------------------------------------------------------
 

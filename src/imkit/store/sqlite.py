@@ -7,13 +7,15 @@ one transaction with one commit, and hands every result back to the reactor with
 ``callFromThread``.  Committing a whole batch at once is what keeps durable storage from capping
 throughput: a thousand appends waiting together cost one commit, not a thousand.
 
-Runs of appends are written with one ``executemany`` per table, numbered from the worker's cache
-of conversation heads; anything else runs in its own SAVEPOINT, so one that fails (a taken user
-name, say) is rolled back and fails only its own Deferred.  A batch that meets something unusual
-(a resend whose dedupe record exists) is rolled back and run again with every operation in its own
-savepoint.  Sequence numbers and dedupe are decided inside the worker's transaction; the worker is the only process that writes messages (the
-``imkit user`` CLI opens the same file but only ever writes users), and SQLite's busy timeout lets
-the two take turns on the write lock.
+Runs of plain appends (no operation items) are written with one ``executemany`` per table,
+numbered from the worker's cache of conversation heads and judged from its cache of who may write
+where; anything else runs in its own SAVEPOINT, so one that fails (a taken user name, an append the
+rules refuse) is rolled back and fails only its own Deferred.  A batch that meets something
+unusual (a resend whose dedupe record exists) is rolled back and run again with every operation in
+its own savepoint.  Sequence numbers, dedupe and the rules' decisions (``imkit.rules``) are all
+made inside the worker's transaction; the worker is the only process that writes messages,
+relations and groups (the ``imkit user`` CLI opens the same file but only ever writes users), and
+SQLite's busy timeout lets the two take turns on the write lock.
 """
 
 from __future__ import annotations
@@ -29,17 +31,28 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from imkit.model import Appended, Message, Submission
+from imkit import rules
+from imkit.model import Appended, Message, Submission, direct_members
+from imkit.rules import Decision, Group, Membership, Policy
 from imkit.store.interface import IStore, StoreError, UnknownUser, UserExists
-from imkit.store.memory import check_submission
+from imkit.store.memory import DEFAULT_POLICY, check_submission
+from imkit.wire import schema
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = (
     "CREATE TABLE users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL)",
-    "CREATE TABLE conversations (id TEXT PRIMARY KEY, head_seq INTEGER NOT NULL)",
+    # floor_seq: the last sequence pruned by retention (messages start after it); retention: the
+    # conversation's own TTL in seconds (NULL or 0: the server's default).
+    "CREATE TABLE conversations (id TEXT PRIMARY KEY, head_seq INTEGER NOT NULL,"
+    " floor_seq INTEGER NOT NULL DEFAULT 0, retention INTEGER)",
+    # Members of direct conversations have only the first two columns.  A group member has a role
+    # (ROLE_*), the sequence of the event that made them one and the first sequence they may
+    # read; a former group member keeps their row with left_seq, the event that removed them.
     "CREATE TABLE members ("
     " conversation TEXT NOT NULL, user TEXT NOT NULL,"
+    " role INTEGER NOT NULL DEFAULT 0, joined_seq INTEGER NOT NULL DEFAULT 0,"
+    " visible_from INTEGER NOT NULL DEFAULT 1, left_seq INTEGER,"
     " PRIMARY KEY (conversation, user)) WITHOUT ROWID",
     "CREATE INDEX members_by_user ON members (user)",
     # client_msg_id is stored as a signed 64-bit two's complement: see _to_signed.
@@ -66,10 +79,31 @@ _TOKENS_TABLE = (
     " expires_at INTEGER NOT NULL,"
     " PRIMARY KEY (user, device)) WITHOUT ROWID"
 )
-_SCHEMA = _SCHEMA + (_TOKENS_TABLE,)
+_CONVERSATION_TABLES = (
+    # A relation row exists only for RELATION_CONTACT and RELATION_BLOCKED.
+    "CREATE TABLE relations ("
+    " owner TEXT NOT NULL, other TEXT NOT NULL, relation INTEGER NOT NULL,"
+    " PRIMARY KEY (owner, other)) WITHOUT ROWID",
+    "CREATE TABLE groups (id TEXT PRIMARY KEY, owner TEXT NOT NULL, title TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE read_marks ("
+    " conversation TEXT NOT NULL, user TEXT NOT NULL, device TEXT NOT NULL, seq INTEGER NOT NULL,"
+    " PRIMARY KEY (conversation, user, device)) WITHOUT ROWID",
+)
+_SCHEMA = _SCHEMA + (_TOKENS_TABLE,) + _CONVERSATION_TABLES
 
 _MIGRATIONS = {
     1: (_TOKENS_TABLE,),  # version 1 -> 2: resume tokens
+    # version 2 -> 3: contacts, groups, retention and read marks.  The new columns come last and
+    # have the same defaults as in _SCHEMA, so a migrated file has the same tables as a new one.
+    2: (
+        "ALTER TABLE conversations ADD COLUMN floor_seq INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE conversations ADD COLUMN retention INTEGER",
+        "ALTER TABLE members ADD COLUMN role INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE members ADD COLUMN joined_seq INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE members ADD COLUMN visible_from INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE members ADD COLUMN left_seq INTEGER",
+    )
+    + _CONVERSATION_TABLES,
 }
 """Statements that bring a database from the version (key) to the next one."""
 
@@ -80,6 +114,8 @@ _MESSAGE_COLUMNS = (
 
 # SQLite's LIMIT takes a signed 64-bit value, and a negative one means "no limit".
 _MAX_LIMIT = 2**62
+# The largest sequence number SQLite can store (an operation body may name any 64-bit one).
+_MAX_SEQ = 2**63 - 1
 
 
 class SchemaVersionError(StoreError):
@@ -159,7 +195,38 @@ def _list_users(connection: sqlite3.Connection) -> list[str]:
     return [row[0] for row in connection.execute("SELECT name FROM users ORDER BY name")]
 
 
-def _append(connection: sqlite3.Connection, submission: Submission) -> Appended:
+class SQLiteView:
+    """
+    The rules' questions (``imkit.rules.View``), answered from the worker's connection inside the
+    transaction that will apply their decision.
+    """
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def user_exists(self, user: str) -> bool:
+        return self._connection.execute("SELECT 1 FROM users WHERE name = ?", (user,)).fetchone() is not None
+
+    def relation(self, owner: str, other: str) -> int:
+        row = self._connection.execute(
+            "SELECT relation FROM relations WHERE owner = ? AND other = ?", (owner, other)
+        ).fetchone()
+        return schema.RELATION_NONE if row is None else row[0]
+
+    def group(self, conversation: str) -> Group | None:
+        return _group(self._connection, conversation)
+
+    def message(self, conversation: str, seq: int) -> Message | None:
+        if not 0 < seq <= _MAX_SEQ:  # beyond what SQLite stores, so never a message
+            return None
+        found = _messages_between(self._connection, conversation, seq, seq)
+        return found[0] if found else None
+
+
+def _append(connection: sqlite3.Connection, submission: Submission, policy: Policy) -> Appended:
+    """The careful way: judge one submission by the rules and store it with their decision."""
     client_msg_id = _to_signed(submission.client_msg_id)
     original = connection.execute(
         "SELECT conversation, first_seq, count FROM dedupe"
@@ -175,17 +242,18 @@ def _append(connection: sqlite3.Connection, submission: Submission) -> Appended:
     row = connection.execute(
         "SELECT head_seq FROM conversations WHERE id = ?", (conversation,)
     ).fetchone()
+    head = 0 if row is None else row[0]
+    # Raises Refused before anything is written.
+    decision = rules.decide(SQLiteView(connection), policy, submission, head)
     if row is None:
-        head = 0
         connection.execute(
             "INSERT INTO conversations (id, head_seq) VALUES (?, 0)", (conversation,)
         )
-    else:
-        head = row[0]
-    connection.executemany(
-        "INSERT OR IGNORE INTO members (conversation, user) VALUES (?, ?)",
-        [(conversation, member) for member in submission.members],
-    )
+    if submission.members and direct_members(conversation) is not None:
+        connection.executemany(
+            "INSERT OR IGNORE INTO members (conversation, user) VALUES (?, ?)",
+            [(conversation, member) for member in submission.members],
+        )
     count = len(submission.items)
     messages = []
     for index, item in enumerate(submission.items):
@@ -221,6 +289,7 @@ def _append(connection: sqlite3.Connection, submission: Submission) -> Appended:
                 bundle_remaining=remaining,
             )
         )
+    _apply(connection, conversation, decision)
     connection.execute(
         "UPDATE conversations SET head_seq = ? WHERE id = ?", (head + count, conversation)
     )
@@ -229,7 +298,167 @@ def _append(connection: sqlite3.Connection, submission: Submission) -> Appended:
         " VALUES (?, ?, ?, ?, ?, ?)",
         (submission.sender, submission.sender_device, client_msg_id, conversation, head + 1, count),
     )
-    return Appended(messages=tuple(messages))
+    return Appended(messages=tuple(messages), audience=decision.audience)
+
+
+def _apply(connection: sqlite3.Connection, conversation: str, decision: Decision) -> None:
+    """Write what the rules decided besides the messages (as MemoryStore._apply does)."""
+    for owner, other, relation in decision.relations:
+        if relation == schema.RELATION_NONE:
+            connection.execute("DELETE FROM relations WHERE owner = ? AND other = ?", (owner, other))
+        else:
+            connection.execute(
+                "INSERT INTO relations (owner, other, relation) VALUES (?, ?, ?)"
+                " ON CONFLICT (owner, other) DO UPDATE SET relation = excluded.relation",
+                (owner, other, relation),
+            )
+    created = decision.created
+    if created is not None:
+        connection.execute(
+            "INSERT INTO groups (id, owner, title) VALUES (?, ?, ?)", (conversation, created.owner, created.title)
+        )
+    if decision.joins:
+        # A former member who comes back starts afresh: new join, new first visible sequence.
+        connection.executemany(
+            "INSERT INTO members (conversation, user, role, joined_seq, visible_from, left_seq)"
+            " VALUES (?, ?, ?, ?, ?, NULL)"
+            " ON CONFLICT (conversation, user) DO UPDATE SET role = excluded.role,"
+            " joined_seq = excluded.joined_seq, visible_from = excluded.visible_from, left_seq = NULL",
+            [(conversation, m.user, m.role, m.joined_seq, m.visible_from) for m in decision.joins],
+        )
+    if decision.leaves:
+        connection.executemany(
+            "UPDATE members SET left_seq = ?, role = ? WHERE conversation = ? AND user = ?",
+            [(seq, schema.ROLE_MEMBER, conversation, user) for user, seq in decision.leaves],
+        )
+    # A new group's owner may not be its creator (who left in the same bundle).
+    owner = decision.owner or (created.owner if created is not None else None)
+    if owner is not None:
+        connection.execute("UPDATE groups SET owner = ? WHERE id = ?", (owner, conversation))
+        connection.execute(
+            "UPDATE members SET role = ? WHERE conversation = ? AND user = ? AND left_seq IS NULL",
+            (schema.ROLE_OWNER, conversation, owner),
+        )
+    if decision.recalls:
+        connection.executemany(
+            "UPDATE messages SET content_type = ?, body = ? WHERE conversation = ? AND seq = ?",
+            [(schema.RECALLED, b"", conversation, seq) for seq in decision.recalls],
+        )
+    if decision.retention is not None:
+        connection.execute(
+            "UPDATE conversations SET retention = ? WHERE id = ?", (decision.retention, conversation)
+        )
+
+
+def _group(connection: sqlite3.Connection, conversation: str) -> Group | None:
+    row = connection.execute("SELECT owner, title FROM groups WHERE id = ?", (conversation,)).fetchone()
+    if row is None:
+        return None
+    rows = connection.execute(
+        "SELECT user, role, joined_seq, visible_from FROM members"
+        " WHERE conversation = ? AND left_seq IS NULL",
+        (conversation,),
+    )
+    return Group(row[0], row[1], {user: Membership(user, role, joined, start) for user, role, joined, start in rows})
+
+
+def _span(
+    group: bool, floor: int, head: int, visible_from: int, left: int | None
+) -> tuple[int, int] | None:
+    """What a member may read of a conversation: (floor, upto), as MemoryStore._span."""
+    if not group:
+        return (floor, head) if left is None else None
+    if left is None:
+        return (max(floor, visible_from - 1), head)
+    return (min(max(floor, visible_from - 1), left), left)
+
+
+_SPAN_QUERY = (
+    "SELECT members.conversation, groups.id IS NOT NULL, conversations.floor_seq, conversations.head_seq,"
+    " members.visible_from, members.left_seq FROM members"
+    " JOIN conversations ON conversations.id = members.conversation"
+    " LEFT JOIN groups ON groups.id = members.conversation"
+)
+
+
+def _visible(connection: sqlite3.Connection, user: str) -> dict[str, tuple[int, int]]:
+    found = {}
+    for conversation, group, floor, head, visible_from, left in connection.execute(
+        _SPAN_QUERY + " WHERE members.user = ?", (user,)
+    ):
+        span = _span(group, floor, head, visible_from, left)
+        if span is not None:
+            found[conversation] = span
+    return found
+
+
+def _visibility(connection: sqlite3.Connection, conversation: str, user: str) -> tuple[int, int] | None:
+    row = connection.execute(
+        _SPAN_QUERY + " WHERE members.conversation = ? AND members.user = ?", (conversation, user)
+    ).fetchone()
+    return None if row is None else _span(*row[1:])
+
+
+def _contacts(connection: sqlite3.Connection, user: str) -> dict[str, int]:
+    return dict(connection.execute("SELECT other, relation FROM relations WHERE owner = ?", (user,)).fetchall())
+
+
+def _prune(connection: sqlite3.Connection, now: int, default_ttl: float | None) -> dict[str, int]:
+    """
+    Delete each conversation's expired prefix.  The oldest message is found through the
+    (conversation, seq) index, so a conversation with nothing to prune costs one lookup.
+    """
+    changed = {}
+    rows = connection.execute(
+        "SELECT id, head_seq, floor_seq, retention FROM conversations WHERE head_seq > floor_seq"
+    ).fetchall()
+    for conversation, head, floor, retention in rows:
+        ttl = retention or default_ttl
+        if not ttl:
+            continue
+        row = connection.execute(
+            "SELECT seq FROM messages WHERE conversation = ? AND seq > ? AND sent_at >= ? ORDER BY seq LIMIT 1",
+            (conversation, floor, now - ttl * 1000),
+        ).fetchone()
+        new_floor = head if row is None else row[0] - 1
+        if new_floor <= floor:
+            continue
+        # The dedupe records of the deleted messages: a bundle is never cut, so each record's
+        # messages all go together.
+        keys = connection.execute(
+            "SELECT DISTINCT sender, sender_device, client_msg_id FROM messages"
+            " WHERE conversation = ? AND seq > ? AND seq <= ?",
+            (conversation, floor, new_floor),
+        ).fetchall()
+        connection.executemany(
+            "DELETE FROM dedupe WHERE sender = ? AND sender_device = ? AND client_msg_id = ?"
+            " AND conversation = ? AND first_seq <= ?",
+            [(sender, device, client_msg_id, conversation, new_floor) for sender, device, client_msg_id in keys],
+        )
+        connection.execute(
+            "DELETE FROM messages WHERE conversation = ? AND seq > ? AND seq <= ?", (conversation, floor, new_floor)
+        )
+        connection.execute("UPDATE conversations SET floor_seq = ? WHERE id = ?", (new_floor, conversation))
+        changed[conversation] = new_floor
+    return changed
+
+
+def _set_read(connection: sqlite3.Connection, user: str, device: str, conversation: str, seq: int) -> None:
+    if seq <= 0:
+        return  # nothing read is no mark
+    connection.execute(
+        "INSERT INTO read_marks (conversation, user, device, seq) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (conversation, user, device) DO UPDATE SET seq = excluded.seq"
+        " WHERE excluded.seq > read_marks.seq",
+        (conversation, user, device, seq),
+    )
+
+
+def _read_marks(connection: sqlite3.Connection, conversation: str) -> dict[str, int]:
+    rows = connection.execute(
+        "SELECT user, max(seq) FROM read_marks WHERE conversation = ? GROUP BY user", (conversation,)
+    )
+    return dict(rows.fetchall())
 
 
 def _read(
@@ -260,7 +489,7 @@ def _head(connection: sqlite3.Connection, conversation: str) -> int:
 
 def _members(connection: sqlite3.Connection, conversation: str) -> tuple[str, ...]:
     rows = connection.execute(
-        "SELECT user FROM members WHERE conversation = ? ORDER BY user", (conversation,)
+        "SELECT user FROM members WHERE conversation = ? AND left_seq IS NULL ORDER BY user", (conversation,)
     )
     return tuple(row[0] for row in rows)
 
@@ -269,7 +498,7 @@ def _conversations(connection: sqlite3.Connection, user: str) -> dict[str, int]:
     rows = connection.execute(
         "SELECT conversations.id, conversations.head_seq FROM members"
         " JOIN conversations ON conversations.id = members.conversation"
-        " WHERE members.user = ?",
+        " WHERE members.user = ? AND members.left_seq IS NULL",
         (user,),
     )
     return dict(rows.fetchall())
@@ -333,56 +562,114 @@ class _SlowPath(Exception):
 @attrs.define
 class _AppendCache:
     """
-    What the worker remembers between batches so an append needs no reads: each conversation's
-    head and members, and the next server id.  Valid because this worker is the only writer of
-    messages; dropped whenever a batch is rolled back.
+    What the worker remembers between batches so a plain append needs no reads: each
+    conversation's head and direct members, the next server id, and who may send plain messages
+    where.  Valid because this worker is the only writer of messages, relations and groups;
+    dropped whenever a batch is rolled back or an append is stored the careful way (it may have
+    changed relations or groups).
     """
 
     heads: dict[str, int] = attrs.Factory(dict)
     members: dict[str, set[str]] = attrs.Factory(dict)
     next_server_id: int | None = None
+    allowed: dict[tuple[str, str], tuple[Policy, tuple[str, ...], bool]] = attrs.Factory(dict)
+    """(conversation, sender) -> (policy, audience, direct): the rules let that sender's plain
+    messages in under that policy (they change nothing, so one answer holds for the next)."""
+    groups: dict[str, tuple[frozenset[str], tuple[str, ...]]] = attrs.Factory(dict)
+    """A group's current members, as a set and as the sorted audience."""
 
 
-def _append_run(connection: sqlite3.Connection, cache: _AppendCache, submissions: list[Submission]) -> list[Appended]:
+def _allow_plain(
+    connection: sqlite3.Connection, cache: _AppendCache, submission: Submission, policy: Policy, head: int
+) -> tuple[tuple[str, ...], bool] | None:
     """
-    Append many submissions with one statement per table.  A duplicate makes the dedupe insert
-    fail (primary key), which sends the whole batch down the careful path that answers it.
+    (audience, direct) if the rules let a submission of plain messages in, else None (the
+    careful way will find out why).  A direct conversation asks the rules themselves, once per
+    sender; a group needs only its membership, read once per group however many members write.
+    """
+    conversation = submission.conversation
+    if direct_members(conversation) is not None:
+        try:
+            decision = rules.decide(SQLiteView(connection), policy, submission, head)
+        except rules.Refused:
+            return None
+        return decision.audience, True
+    if not rules.is_group(conversation):
+        return None
+    members = cache.groups.get(conversation)
+    if members is None:
+        if connection.execute("SELECT 1 FROM groups WHERE id = ?", (conversation,)).fetchone() is None:
+            return None
+        users = tuple(
+            row[0]
+            for row in connection.execute(
+                "SELECT user FROM members WHERE conversation = ? AND left_seq IS NULL ORDER BY user", (conversation,)
+            )
+        )
+        members = cache.groups[conversation] = (frozenset(users), users)
+    if submission.sender not in members[0]:
+        return None
+    return members[1], False
+
+
+def _append_run(connection: sqlite3.Connection, cache: _AppendCache, run: list[_Operation]) -> list[Appended]:
+    """
+    Append a run of submissions with one statement per table, as far as they are plain and the
+    rules let them in: the results, fewer than ``run`` if the next one needs the careful way.
+    A duplicate makes the dedupe insert fail (primary key), which sends the whole batch down the
+    careful path that answers it.
     """
     if cache.next_server_id is None:
         row = connection.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
         cache.next_server_id = (row[0] if row else 0) + 1
     heads = cache.heads
     known_members = cache.members
+    allowed = cache.allowed
     server_id = cache.next_server_id
+    prefix = schema.OPERATION_PREFIX
     rows: list[tuple] = []
     dedupe_rows: list[tuple] = []
     touched: dict[str, int] = {}
     results: list[Appended] = []
-    for submission in submissions:
-        conversation = submission.conversation
-        head = heads.get(conversation)
-        if head is None:
-            row = connection.execute("SELECT head_seq FROM conversations WHERE id = ?", (conversation,)).fetchone()
-            if row is None:
-                connection.execute("INSERT INTO conversations (id, head_seq) VALUES (?, 0)", (conversation,))
-                head = 0
-            else:
-                head = row[0]
-        members = known_members.get(conversation)
-        if members is None:
-            members = known_members[conversation] = set()
-        missing = [member for member in submission.members if member not in members]
-        if missing:
-            connection.executemany(
-                "INSERT OR IGNORE INTO members (conversation, user) VALUES (?, ?)",
-                [(conversation, member) for member in missing],
-            )
-            members.update(missing)
-        sender, device, sent_at = submission.sender, submission.sender_device, submission.sent_at
-        client_msg_id = submission.client_msg_id
-        signed_id = client_msg_id if client_msg_id < _SIGN_BIT else client_msg_id - _U64
+    for operation in run:
+        submission, policy = operation.args
         items = submission.items
         count = len(items)
+        if count == 1:
+            if items[0].content_type.startswith(prefix):
+                break
+        elif not rules.plain(items):
+            break
+        conversation = submission.conversation
+        sender = submission.sender
+        head = heads.get(conversation)
+        new = False
+        if head is None:
+            row = connection.execute("SELECT head_seq FROM conversations WHERE id = ?", (conversation,)).fetchone()
+            new = row is None
+            head = 0 if new else row[0]
+        entry = allowed.get((conversation, sender))
+        if entry is None or (entry[0] is not policy and entry[0] != policy):
+            verdict = _allow_plain(connection, cache, submission, policy, head)
+            if verdict is None:
+                break
+            entry = allowed[(conversation, sender)] = (policy, verdict[0], verdict[1])
+        if new:
+            connection.execute("INSERT INTO conversations (id, head_seq) VALUES (?, 0)", (conversation,))
+        if entry[2] and submission.members:  # a direct conversation's members
+            members = known_members.get(conversation)
+            if members is None:
+                members = known_members[conversation] = set()
+            missing = [member for member in submission.members if member not in members]
+            if missing:
+                connection.executemany(
+                    "INSERT OR IGNORE INTO members (conversation, user) VALUES (?, ?)",
+                    [(conversation, member) for member in missing],
+                )
+                members.update(missing)
+        device, sent_at = submission.sender_device, submission.sent_at
+        client_msg_id = submission.client_msg_id
+        signed_id = client_msg_id if client_msg_id < _SIGN_BIT else client_msg_id - _U64
         if count == 1:  # the common case, without the loop's bookkeeping
             item = items[0]
             body = item.body if type(item.body) is bytes else bytes(item.body)
@@ -404,17 +691,18 @@ def _append_run(connection: sqlite3.Connection, cache: _AppendCache, submissions
             messages = tuple(bundle)
         dedupe_rows.append((sender, device, signed_id, conversation, head + 1, count))
         heads[conversation] = touched[conversation] = head + count
-        results.append(Appended(messages))
-    connection.executemany(
-        "INSERT INTO dedupe (sender, sender_device, client_msg_id, conversation, first_seq, count)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        dedupe_rows,
-    )
-    connection.executemany(f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    connection.executemany(
-        "UPDATE conversations SET head_seq = ? WHERE id = ?", [(head, conv) for conv, head in touched.items()]
-    )
-    cache.next_server_id = server_id
+        results.append(Appended(messages, False, entry[1]))
+    if rows:
+        connection.executemany(
+            "INSERT INTO dedupe (sender, sender_device, client_msg_id, conversation, first_seq, count)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            dedupe_rows,
+        )
+        connection.executemany(f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        connection.executemany(
+            "UPDATE conversations SET head_seq = ? WHERE id = ?", [(head, conv) for conv, head in touched.items()]
+        )
+        cache.next_server_id = server_id
     return results
 
 
@@ -564,12 +852,12 @@ class SQLiteStore:
     def list_users(self) -> defer.Deferred:
         return self._submit(_list_users, write=False)
 
-    def append(self, submission: Submission) -> defer.Deferred:
+    def append(self, submission: Submission, policy: Policy = DEFAULT_POLICY) -> defer.Deferred:
         try:
             check_submission(submission)
         except ValueError:
             return defer.fail()
-        return self._submit(_append, submission, write=True)
+        return self._submit(_append, submission, policy, write=True)
 
     def read(self, conversation: str, after_seq: int, limit: int) -> defer.Deferred:
         return self._submit(_read, conversation, after_seq, limit, write=False)
@@ -582,6 +870,27 @@ class SQLiteStore:
 
     def conversations(self, user: str) -> defer.Deferred:
         return self._submit(_conversations, user, write=False)
+
+    def visible(self, user: str) -> defer.Deferred:
+        return self._submit(_visible, user, write=False)
+
+    def visibility(self, conversation: str, user: str) -> defer.Deferred:
+        return self._submit(_visibility, conversation, user, write=False)
+
+    def group(self, conversation: str) -> defer.Deferred:
+        return self._submit(_group, conversation, write=False)
+
+    def contacts(self, user: str) -> defer.Deferred:
+        return self._submit(_contacts, user, write=False)
+
+    def prune(self, now: int, default_ttl: float | None) -> defer.Deferred:
+        return self._submit(_prune, now, default_ttl, write=True)
+
+    def set_read(self, user: str, device: str, conversation: str, seq: int) -> defer.Deferred:
+        return self._submit(_set_read, user, device, conversation, seq, write=True)
+
+    def read_marks(self, conversation: str) -> defer.Deferred:
+        return self._submit(_read_marks, conversation, write=False)
 
     def set_cursor(self, user: str, device: str, conversation: str, seq: int) -> defer.Deferred:
         return self._submit(_set_cursor, user, device, conversation, seq, write=True)
@@ -648,8 +957,10 @@ class SQLiteStore:
         """
         Run a batch in one transaction; each operation's outcome is its result or its Failure.
 
-        First the fast way: runs of appends are written with one ``executemany`` per table, their
-        sequence numbers and server ids taken from the worker's caches.  If anything in that goes
+        First the fast way: runs of plain appends are written with one ``executemany`` per table,
+        their sequence numbers and server ids taken from the worker's caches; an append with
+        operations, or one the rules may refuse, runs alone in its own SAVEPOINT between runs.
+        If anything in that goes
         wrong — typically a resend whose dedupe record exists already — the transaction is rolled
         back, the caches are dropped, and the batch runs again the careful way: each operation in
         its own SAVEPOINT, so a failing one is rolled back alone and fails only its own Deferred.
@@ -696,13 +1007,21 @@ class SQLiteStore:
                 end = start
                 while end < len(batch) and batch[end].function is _append:
                     end += 1
-                run = batch[start:end]
                 try:
-                    appended = _append_run(connection, self._cache, [op.args[0] for op in run])
+                    appended = _append_run(connection, self._cache, batch[start:end])
                 except Exception:
                     raise _SlowPath() from None
-                outcomes.extend(zip([op.deferred for op in run], appended))
-                start = end
+                outcomes.extend(zip([op.deferred for op in batch[start : start + len(appended)]], appended))
+                start += len(appended)
+                if start < end:
+                    # An append with operations, or one the rules may refuse: the careful way,
+                    # in its own savepoint, so a refusal writes nothing and fails it alone.
+                    operation = batch[start]
+                    outcome = self._in_savepoint(connection, operation)
+                    if not isinstance(outcome, Failure) and not outcome.duplicate:
+                        self._cache = _AppendCache()
+                    outcomes.append((operation.deferred, outcome))
+                    start += 1
             else:
                 outcomes.append((operation.deferred, self._in_savepoint(connection, operation)))
                 start += 1

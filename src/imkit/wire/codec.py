@@ -43,9 +43,9 @@ class _Field:
     """One declared field, reduced to what the generator needs."""
 
     name: str
-    shape: str  # "int", "flag", "str", "bytes", "list", "record"
+    shape: str  # "int", "flag", "str", "bytes", "list", "ints", "record"
     fmt: str = ""  # struct code of the value (int/flag) or of its length/count prefix
-    record: Any = None  # nested Struct for "list" and "record"
+    record: Any = None  # nested Struct for "list" and "record"; element struct code for "ints"
 
 
 def _fmt_of(field: Construct) -> str:
@@ -68,15 +68,14 @@ def _describe(name: str, con: Construct) -> _Field:
     if isinstance(con, Prefixed) and not con.includelength and con.subcon is GreedyBytes:
         return _Field(name, "bytes", _fmt_of(con.lengthfield))
     if isinstance(con, FocusedSeq) and len(con.subcons) == 2:
+        # A PrefixedArray: a rebuilt count, then an Array of records or of integers.
         count, items = con.subcons
-        if (
-            count.name == "count"
-            and isinstance(count.subcon, Rebuild)
-            and items.name == "items"
-            and isinstance(items.subcon, Array)
-            and isinstance(items.subcon.subcon, ConstructStruct)
-        ):
-            return _Field(name, "list", _fmt_of(count.subcon.subcon), items.subcon.subcon)
+        if count.name == "count" and isinstance(count.subcon, Rebuild) and items.name == "items" and isinstance(items.subcon, Array):
+            element = items.subcon.subcon
+            if isinstance(element, ConstructStruct):
+                return _Field(name, "list", _fmt_of(count.subcon.subcon), element)
+            if isinstance(element, FormatField):
+                return _Field(name, "ints", _fmt_of(count.subcon.subcon), _fmt_of(element))
     if isinstance(con, ConstructStruct):
         return _Field(name, "record", "", con)
     raise UnsupportedConstruct(f"{name}: cannot compile {con!r}")
@@ -115,7 +114,7 @@ class _Generator:
 
     def __init__(self) -> None:
         self.lines: list[str] = []
-        self.namespace: dict[str, Any] = {"DecodeError": DecodeError, "new": object.__new__}
+        self.namespace: dict[str, Any] = {"DecodeError": DecodeError, "new": object.__new__, "struct": struct}
         self.record_names: dict[int, str] = {}
         self._counter = 0
 
@@ -177,6 +176,12 @@ class _Generator:
                 conv = ".decode('utf-8')" if var.shape == "str" else ""
                 out.append(f"    {v} = buf[pos:stop]{conv}")
                 out.append("    pos = stop")
+            elif var.shape == "ints":
+                width = struct.calcsize(">" + var.record)
+                out.append(f"    stop = pos + {n} * {width}")
+                out.append("    if stop > end: raise DecodeError('truncated')")
+                out.append(f"    {v} = struct.unpack_from('>%d{var.record}' % {n}, buf, pos)")
+                out.append("    pos = stop")
             elif var.shape == "list":
                 rec = self.record_names[id(var.record)]
                 out.append("    items = []")
@@ -222,6 +227,9 @@ class _Generator:
                 rec = self.record_names[id(field.record)]
                 out.append(f"    c_{field.name} = p.{field.name}")
                 out.append(f"    b_{field.name} = b''.join([enc_{rec}(x) for x in c_{field.name}])")
+            elif field.shape == "ints":
+                out.append(f"    c_{field.name} = p.{field.name}")
+                out.append(f"    b_{field.name} = struct.pack('>%d{field.record}' % len(c_{field.name}), *c_{field.name})")
             elif field.shape == "record":
                 rec = self.record_names[id(field.record)]
                 out.append(f"    b_{field.name} = enc_{rec}(p.{field.name})")
@@ -229,7 +237,7 @@ class _Generator:
                 # A frame needs each length twice (its prefix and the frame's total): take it once.
                 out.append(f"    n_{field.name} = len(b_{field.name})")
                 var_lens.append(f"n_{field.name}")
-            elif field.shape in ("str", "bytes", "list", "record"):
+            elif field.shape in ("str", "bytes", "list", "ints", "record"):
                 var_lens.append(f"len(b_{field.name})")
         parts = []
         first = True
@@ -239,7 +247,7 @@ class _Generator:
             if var is not None and var.shape in ("str", "bytes"):
                 fmt += var.fmt
                 values.append(f"n_{var.name}" if header is not None else f"len(b_{var.name})")
-            elif var is not None and var.shape == "list":
+            elif var is not None and var.shape in ("list", "ints"):
                 fmt += var.fmt
                 values.append(f"len(c_{var.name})")
             if first and header is not None:

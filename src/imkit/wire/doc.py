@@ -17,7 +17,7 @@ import ast
 import inspect
 from typing import Any
 
-from construct import Struct
+from construct import FocusedSeq, Struct
 
 from imkit.wire import codec, schema
 from imkit.wire.errors import ErrorCode
@@ -41,8 +41,21 @@ _CONSTANTS = [
     ("LOGIN_TOKEN", "``Login.method``"),
     ("TARGET_USER", "``Send.target_type``, ``Bundle.target_type``"),
     ("TARGET_CONVERSATION", "``Send.target_type``, ``Bundle.target_type``"),
+    ("TARGET_NEW_GROUP", "``Send.target_type``, ``Bundle.target_type``"),
     ("SYNC_SERVER_CURSORS", "``Sync.flags``"),
     ("SYNC_ONLY_LISTED", "``Sync.flags``"),
+    ("PRESENCE_OFFLINE", "``Presence.status``, ``PresenceNotice.status``"),
+    ("PRESENCE_ONLINE", "``Presence.status``, ``PresenceNotice.status``"),
+    ("PRESENCE_AWAY", "``Presence.status``, ``PresenceNotice.status``"),
+    ("PRESENCE_BUSY", "``Presence.status``, ``PresenceNotice.status``"),
+    ("QUERY_CONTACTS", "``Query.what``"),
+    ("QUERY_MEMBERS", "``Query.what``"),
+    ("QUERY_GROUPS", "``Query.what``"),
+    ("RELATION_NONE", "``Entry.state`` (contacts)"),
+    ("RELATION_CONTACT", "``Entry.state`` (contacts)"),
+    ("RELATION_BLOCKED", "``Entry.state`` (contacts)"),
+    ("ROLE_MEMBER", "``Entry.state`` (members, groups)"),
+    ("ROLE_OWNER", "``Entry.state`` (members, groups)"),
 ]
 
 _KIND_RANGES = [
@@ -64,6 +77,8 @@ def _type(field: codec._Field, records: dict[int, str]) -> str:
         return "flag"
     if field.shape in ("str", "bytes"):
         return f"{field.shape}{bits}"
+    if field.shape == "ints":
+        return f"list{bits} of u{_BITS[field.record]}"
     name = records[id(field.record)]
     link = f"`{name} <{name} record_>`__"
     return f"list{bits} of {link}" if field.shape == "list" else link
@@ -135,6 +150,26 @@ def _attribute_docs(module: Any) -> dict[str, str]:
 
 def _value(name: str, value: int) -> str:
     return f"``{value:#04x}``" if "FLAG" in name or name.startswith("SYNC_") else f"``{value}``"
+
+
+def _comment_block(module: Any, first_line: str) -> str:
+    """The text of a ``#`` comment block in a module's source, starting at ``first_line``."""
+    lines = inspect.getsource(module).splitlines()
+    start = next(index for index, line in enumerate(lines) if line.startswith(first_line))
+    text = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("#"):
+            break
+        text.append(line[1:].strip())
+    return "\n".join(text).strip()
+
+
+def _operation_type(con: Any) -> str:
+    """The field types of operation bodies, in the notation of the table above."""
+    if isinstance(con, FocusedSeq):  # PrefixedArray
+        count, items = con.subcons
+        return f"list{_BITS[codec._fmt_of(count.subcon.subcon)]} of {_operation_type(items.subcon.subcon)}"
+    return _type(codec._describe("field", con), {})
 
 
 def render() -> str:
@@ -216,6 +251,21 @@ def render() -> str:
         span = f"``{kinds.start:#06x}``-``{kinds.stop - 1:#06x}``"
         constants.append([f"``{name}``", span, "header ``kind``", meaning])
     out += [_title("Constants", "="), "", _table(["Name", "Value", "Used in", "Meaning"], constants), ""]
+
+    out += [
+        _title("Operations", "="),
+        "",
+        _comment_block(schema, "# Operations:"),
+        "",
+    ]
+    operation_names = {value: name for name, value in vars(schema).items() if isinstance(value, str) and value in schema.OPERATION_BODIES}
+    for content_type, declaration in schema.OPERATION_BODIES.items():
+        name = operation_names[content_type]
+        out += [_title(f"``{content_type}``", "-"), ""]
+        if attribute_docs.get(name):
+            out += [attribute_docs[name], ""]
+        rows = [[_operation_type(sub.subcon), f"``{sub.name}``"] for sub in declaration.subcons]
+        out += [_table(["Type", "Field"], rows) if rows else "Empty body.", ""]
 
     codes = [[f"``{int(code)}``", f"``{code.name}``"] for code in ErrorCode]
     out += [

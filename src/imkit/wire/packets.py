@@ -158,6 +158,113 @@ class Bye:
     reason: str
 
 
+@attrs.frozen
+class ReadCount:
+    """How many members other than the sender have read a message."""
+
+    seq: int
+    count: int
+
+
+@attrs.frozen
+class ReadMark:
+    """One user has read a conversation up to ``seq`` (the furthest of all their devices)."""
+
+    seq: int
+    user: str
+
+
+@attrs.frozen
+class Entry:
+    """One line of a query's answer: what ``state``, ``seq`` and ``detail`` mean depends on it."""
+
+    seq: int
+    state: int
+    name: str
+    detail: str
+
+
+@attrs.frozen
+class Read:
+    """The sending device has shown ``conversation`` to its user up to ``seq``."""
+
+    seq: int
+    conversation: str
+
+
+@attrs.frozen
+class Receipt:
+    """``device`` of ``user`` has read ``conversation`` up to ``seq``."""
+
+    seq: int
+    conversation: str
+    user: str
+    device: str
+
+
+@attrs.frozen
+class ReceiptsQuery:
+    request_id: int
+    conversation: str
+    seqs: tuple[int, ...]
+
+
+@attrs.frozen
+class ReceiptsResult:
+    """
+    Read counts for the asked sequences, and for conversations small enough every member's
+    read mark (``readers``); ``status`` is an ErrorCode (non-zero: not a member, nothing else).
+    """
+
+    request_id: int
+    status: int
+    conversation: str
+    counts: tuple[ReadCount, ...]
+    readers: tuple[ReadMark, ...]
+
+
+@attrs.frozen
+class Typing:
+    active: bool
+    conversation: str
+
+
+@attrs.frozen
+class TypingNotice:
+    active: bool
+    conversation: str
+    user: str
+    device: str
+
+
+@attrs.frozen
+class Presence:
+    status: int
+    text: str
+
+
+@attrs.frozen
+class PresenceNotice:
+    status: int
+    user: str
+    text: str
+
+
+@attrs.frozen
+class Query:
+    request_id: int
+    what: int
+    target: str
+
+
+@attrs.frozen
+class QueryResult:
+    request_id: int
+    status: int
+    reason: str
+    entries: tuple[Entry, ...]
+
+
 PACKET_CLASSES = {
     schema.HELLO: Hello,
     schema.HELLO_OK: HelloOk,
@@ -176,6 +283,16 @@ PACKET_CLASSES = {
     schema.PONG: Pong,
     schema.ERROR: Error,
     schema.BYE: Bye,
+    schema.READ: Read,
+    schema.RECEIPT: Receipt,
+    schema.RECEIPTS_QUERY: ReceiptsQuery,
+    schema.RECEIPTS_RESULT: ReceiptsResult,
+    schema.TYPING: Typing,
+    schema.TYPING_NOTICE: TypingNotice,
+    schema.PRESENCE: Presence,
+    schema.PRESENCE_NOTICE: PresenceNotice,
+    schema.QUERY: Query,
+    schema.QUERY_RESULT: QueryResult,
 }
 """Packet kind -> packet class."""
 
@@ -186,5 +303,8 @@ RECORD_CLASSES = {
     id(schema.CURSOR): Cursor,
     id(schema.RANGE): Range,
     id(schema.ITEM): Item,
+    id(schema.READ_COUNT): ReadCount,
+    id(schema.READ_MARK): ReadMark,
+    id(schema.ENTRY): Entry,
 }
 """Nested record declarations -> the value class they decode into."""

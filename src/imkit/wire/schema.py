@@ -97,6 +97,23 @@ ITEM = Struct(
     "body" / bytes32,
 )
 
+READ_COUNT = Struct(
+    "seq" / Int64ub,
+    "count" / Int32ub,
+)
+
+READ_MARK = Struct(
+    "seq" / Int64ub,
+    "user" / str16,
+)
+
+ENTRY = Struct(
+    "seq" / Int64ub,
+    "state" / Int8ub,
+    "name" / str16,
+    "detail" / str16,
+)
+
 HELLO = 0x01
 HELLO_OK = 0x02
 LOGIN = 0x03
@@ -114,6 +131,16 @@ PING = 0x0E
 PONG = 0x0F
 ERROR = 0x10
 BYE = 0x11
+READ = 0x12
+RECEIPT = 0x13
+RECEIPTS_QUERY = 0x14
+RECEIPTS_RESULT = 0x15
+TYPING = 0x16
+TYPING_NOTICE = 0x17
+PRESENCE = 0x18
+PRESENCE_NOTICE = 0x19
+QUERY = 0x1A
+QUERY_RESULT = 0x1B
 
 BODIES = {
     HELLO: Struct(
@@ -201,6 +228,58 @@ BODIES = {
         "code" / Int16ub,
         "reason" / str16,
     ),
+    READ: Struct(
+        "seq" / Int64ub,
+        "conversation" / str16,
+    ),
+    RECEIPT: Struct(
+        "seq" / Int64ub,
+        "conversation" / str16,
+        "user" / str16,
+        "device" / str16,
+    ),
+    RECEIPTS_QUERY: Struct(
+        "request_id" / Int32ub,
+        "conversation" / str16,
+        "seqs" / PrefixedArray(Int16ub, Int64ub),
+    ),
+    RECEIPTS_RESULT: Struct(
+        "request_id" / Int32ub,
+        "status" / Int16ub,
+        "conversation" / str16,
+        "counts" / PrefixedArray(Int16ub, READ_COUNT),
+        "readers" / PrefixedArray(Int16ub, READ_MARK),
+    ),
+    TYPING: Struct(
+        "active" / Flag,
+        "conversation" / str16,
+    ),
+    TYPING_NOTICE: Struct(
+        "active" / Flag,
+        "conversation" / str16,
+        "user" / str16,
+        "device" / str16,
+    ),
+    PRESENCE: Struct(
+        "status" / Int8ub,
+        "text" / str16,
+    ),
+    PRESENCE_NOTICE: Struct(
+        "status" / Int8ub,
+        "user" / str16,
+        "text" / str16,
+    ),
+    QUERY: Struct(
+        "request_id" / Int32ub,
+        "what" / Int8ub,
+        "target" / str16,
+    ),
+    QUERY_RESULT: Struct(
+        "request_id" / Int32ub,
+        "status" / Int16ub,
+        "reason" / str16,
+        "entries" / PrefixedArray(Int16ub, ENTRY),
+    ),
 }
 """Packet kind -> construct declaration of its body."""
 
@@ -226,6 +305,16 @@ DIRECTION = {
     PONG: EITHER_WAY,
     ERROR: SERVER_TO_CLIENT,
     BYE: EITHER_WAY,
+    READ: CLIENT_TO_SERVER,
+    RECEIPT: SERVER_TO_CLIENT,
+    RECEIPTS_QUERY: CLIENT_TO_SERVER,
+    RECEIPTS_RESULT: SERVER_TO_CLIENT,
+    TYPING: CLIENT_TO_SERVER,
+    TYPING_NOTICE: SERVER_TO_CLIENT,
+    PRESENCE: CLIENT_TO_SERVER,
+    PRESENCE_NOTICE: SERVER_TO_CLIENT,
+    QUERY: CLIENT_TO_SERVER,
+    QUERY_RESULT: SERVER_TO_CLIENT,
 }
 """Packet kind -> which peer sends it (the sessions' tables of accepted kinds agree)."""
 
@@ -241,8 +330,101 @@ TARGET_USER = 1
 """``target`` is a user name: the message goes to the direct conversation with that user."""
 TARGET_CONVERSATION = 2
 """``target`` is a conversation id."""
+TARGET_NEW_GROUP = 3
+"""``target`` is empty: the server creates a group conversation (the first item must be a
+``imkit/group.create`` operation) and names it in the ack's ``conversation``."""
 
 SYNC_SERVER_CURSORS = 0x01
 """Conversations missing from ``cursors`` start at this device's server-side cursor, not at 0."""
 SYNC_ONLY_LISTED = 0x02
 """Sync only the conversations in ``cursors`` (filling a gap), not every conversation."""
+
+PRESENCE_OFFLINE = 0
+"""Offline, or invisible: the server sends it for a user's last device going away, too."""
+PRESENCE_ONLINE = 1
+PRESENCE_AWAY = 2
+PRESENCE_BUSY = 3
+
+QUERY_CONTACTS = 1
+"""Entries: one per user the asker has a relation with; ``state`` is a RELATION_* value."""
+QUERY_MEMBERS = 2
+"""``target`` is a group: one entry per current member, ``state`` a ROLE_* value, ``seq`` the
+sequence of the event that made them a member, ``detail`` empty."""
+QUERY_GROUPS = 3
+"""Entries: one per group the asker belongs to; ``name`` is its id, ``seq`` its head, ``detail``
+its title."""
+
+RELATION_NONE = 0
+RELATION_CONTACT = 1
+RELATION_BLOCKED = 2
+
+ROLE_MEMBER = 0
+ROLE_OWNER = 1
+
+# Operations: message items the server applies as well as stores -------------------------------
+#
+# A message whose content type is one of these is a sequenced event of its conversation: it is
+# stored and delivered like any message (so every member and device sees it at the same place in
+# the conversation's order), and the server applies it in the same transaction.  Any other
+# content type beginning with ``imkit/`` is refused.
+
+OPERATION_PREFIX = "imkit/"
+
+CONTACT_ADD = "imkit/contact.add"
+"""In a direct conversation: the sender makes the other user a contact."""
+CONTACT_REMOVE = "imkit/contact.remove"
+"""In a direct conversation: the sender removes the other user from their contacts."""
+CONTACT_BLOCK = "imkit/contact.block"
+"""In a direct conversation: no more messages pass between the two, either way, until the sender
+unblocks (operations such as recall still do)."""
+CONTACT_UNBLOCK = "imkit/contact.unblock"
+GROUP_CREATE = "imkit/group.create"
+"""First item sent to TARGET_NEW_GROUP: the group's title and first members (besides the sender,
+who becomes its owner)."""
+GROUP_ADD = "imkit/group.add"
+"""Any member adds users to the group."""
+GROUP_REMOVE = "imkit/group.remove"
+"""The owner removes members; they receive this event, and nothing after it."""
+GROUP_LEAVE = "imkit/group.leave"
+"""The sender leaves; if it was the owner, the longest-standing member becomes owner."""
+RECALL = "imkit/recall"
+"""Unsend one's own message within the server's recall window: its stored body is erased."""
+EDIT = "imkit/edit"
+"""Replace one's own message within the server's edit window; devices show the newest edit."""
+RETENTION = "imkit/retention"
+"""Messages of this conversation are pruned ``seconds`` after they were sent (0: the server's
+default).  Any member of a direct conversation, or a group's owner, may set it."""
+RECALLED = "imkit/recalled"
+"""What a recalled message's content type becomes in the store (its body becomes empty)."""
+
+NO_BODY = Struct()
+USER_LIST = Struct(
+    "users" / PrefixedArray(Int16ub, str16),
+)
+
+OPERATION_BODIES = {
+    CONTACT_ADD: NO_BODY,
+    CONTACT_REMOVE: NO_BODY,
+    CONTACT_BLOCK: NO_BODY,
+    CONTACT_UNBLOCK: NO_BODY,
+    GROUP_CREATE: Struct(
+        "title" / str16,
+        "users" / PrefixedArray(Int16ub, str16),
+    ),
+    GROUP_ADD: USER_LIST,
+    GROUP_REMOVE: USER_LIST,
+    GROUP_LEAVE: NO_BODY,
+    RECALL: Struct(
+        "seq" / Int64ub,
+    ),
+    EDIT: Struct(
+        "seq" / Int64ub,
+        "content_type" / str8,
+        "body" / bytes32,
+    ),
+    RETENTION: Struct(
+        "seconds" / Int32ub,
+    ),
+    RECALLED: NO_BODY,
+}
+"""Operation content type -> construct declaration of its body."""
