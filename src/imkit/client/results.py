@@ -1,5 +1,5 @@
 """
-What a send or a login can end with: a receipt, or one of these errors.
+What a send, a login or a query can end with: a receipt, or one of these errors.
 
 The errors carry the server's ``ErrorCode`` (a plain int when the server sent a code this imkit
 does not know), so applications branch on codes, never on reason strings.
@@ -83,6 +83,40 @@ class ClientStopped(IMClientError):
     """The client was stopped before this could complete (a stopped client is not sending)."""
 
     def __init__(self, what: str = "the client was stopped") -> None:
+        super().__init__(what)
+
+
+class QueryFailed(IMClientError):
+    """
+    The server answered a query with an error: ``code`` NOT_A_MEMBER when asking about a
+    conversation or group the user is not in (or that does not exist: the answer is the same).
+    """
+
+    def __init__(self, code: ErrorCode | int, reason: str) -> None:
+        super().__init__(f"query refused ({_name(code)}): {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class QueryUnanswered(IMClientError):
+    """
+    A query got no answer: it timed out, or the connection was not there or went away.  Queries
+    are never resent by the client; ask again (after ``loggedIn()``) if the answer still matters.
+    """
+
+
+class QueryTimeout(QueryUnanswered):
+    """No answer to a query within ``ClientSettings.request_timeout`` seconds."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"no answer from the server within {timeout:g} seconds")
+        self.timeout = timeout
+
+
+class ConnectionLost(QueryUnanswered):
+    """There was no logged-in connection to ask on, or it ended before the answer came."""
+
+    def __init__(self, what: str = "the connection to the server was lost before the answer came") -> None:
         super().__init__(what)
 
 

@@ -6,6 +6,11 @@ under it, with jittered exponential backoff.  ``ClientService``'s ``prepareConne
 the login, so a connection counts as made only once it can carry messages.  Application calls
 (``send``) go to the core at any time; whatever is unacknowledged is sent again, in order, after
 the next login.  Each Deferred the application holds is answered by a core event.
+
+Conversations (contacts, groups, recall, edit, retention) are operations: message items the
+server applies as well as stores, so they are sent, acknowledged and resent like any message and
+every member sees them in the conversation's order.  Read marks, typing, presence and queries
+are not: they go out at once or not at all (see ``imkit.client.conversations.Queries``).
 """
 
 from __future__ import annotations
@@ -20,10 +25,27 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from imkit import operations
+from imkit.client.conversations import (
+    PRESENCE_STATUSES,
+    GroupInfo,
+    Member,
+    PresenceNotice,
+    Queries,
+    ReadState,
+    ReceiptNotice,
+    TypingNotice,
+    notice,
+    parse_contacts,
+    parse_groups,
+    parse_members,
+    parse_read_state,
+)
 from imkit.client.handoff import Handoff, MessageCallback, MessageStream
 from imkit.client.protocol import IMClientFactory, IMClientProtocol
 from imkit.client.results import (
     ClientStopped,
+    ConnectionLost,
     IMClientError,
     LoginFailed,
     Receipt,
@@ -38,8 +60,9 @@ from imkit.model import Item, Message
 from imkit.session import events
 from imkit.session.client import ClientCore
 from imkit.session.settings import ClientSettings
+from imkit.wire import packets, schema
 from imkit.wire.errors import DecodeError, ErrorCode
-from imkit.wire.schema import TARGET_CONVERSATION, TARGET_USER
+from imkit.wire.schema import TARGET_CONVERSATION, TARGET_NEW_GROUP, TARGET_USER
 
 TEXT = "text/plain; charset=utf-8"
 
@@ -126,6 +149,12 @@ class IMClient(Service):
         self._failure: IMClientError | None = None
         self._stopped = False
         self._offline_timer = DeadlineTimer(reactor, self._core.next_deadline, self._offline_deadline)
+        self._queries = Queries(self._core, reactor, settings.request_timeout, self._core_changed)
+        self._receipt_callbacks: list[Callable[[ReceiptNotice], Any]] = []
+        self._typing_callbacks: list[Callable[[TypingNotice], Any]] = []
+        self._presence_callbacks: list[Callable[[PresenceNotice], Any]] = []
+        self._history_callbacks: list[Callable[[str, int, int], Any]] = []
+        self._presence: packets.Presence | None = None
         self._connector = ClientService(
             endpoint,
             IMClientFactory(self._core, reactor, self),
@@ -218,16 +247,18 @@ class IMClient(Service):
         body: bytes | str = b"",
         *,
         conversation: str | None = None,
+        group: str | None = None,
         content_type: str = TEXT,
     ) -> Deferred[Receipt]:
         """
-        Send one message to a user (``to``) or a conversation; Deferred[Receipt].
+        Send one message to a user (``to``) or a conversation (``group=`` is the same as
+        ``conversation=``, for readability); Deferred[Receipt].
 
         It fails with SendRejected or SendTimeout; cancelling it stops the resending (the server
         may have stored it already).  While disconnected, sends wait and go out after the login,
         in order.
         """
-        target_type, target = _target(to, conversation)
+        target_type, target = _target(to, conversation, group)
         return self._submit(lambda: self._core.send(target_type, target, content_type, _bytes(body)))
 
     def send_bundle(
@@ -235,22 +266,164 @@ class IMClient(Service):
         items: Iterable[Item | tuple[str, bytes | str]],
         to: str | None = None,
         conversation: str | None = None,
+        *,
+        group: str | None = None,
     ) -> Deferred[Receipt]:
         """Send messages that are stored together or not at all, and delivered together; Deferred[Receipt]."""
-        target_type, target = _target(to, conversation)
+        target_type, target = _target(to, conversation, group)
         bundle = tuple(item if isinstance(item, Item) else Item(item[0], _bytes(item[1])) for item in items)
         if not bundle:
             raise ValueError("a bundle needs at least one item")
         return self._submit(lambda: self._core.send_bundle(target_type, target, bundle))
 
     def send_packet(
-        self, packet_type: PacketType, value: Any, to: str | None = None, *, conversation: str | None = None
+        self,
+        packet_type: PacketType,
+        value: Any,
+        to: str | None = None,
+        *,
+        conversation: str | None = None,
+        group: str | None = None,
     ) -> Deferred[Receipt]:
         """
         Send a custom packet (``imkit.extensions.PacketType``): ``value`` is a ``packet_type.make(...)``
         value or a dict of its fields.  It travels, and is acknowledged, like any message.
         """
-        return self.send(to, packet_type.encode(value), conversation=conversation, content_type=packet_type.content_type)
+        return self.send(
+            to, packet_type.encode(value), conversation=conversation, group=group, content_type=packet_type.content_type
+        )
+
+    # Contacts ----------------------------------------------------------------------------------
+    #
+    # Each is an operation sent to the direct conversation with ``user``: Deferred[Receipt], and
+    # both users see it there, in order with their messages.
+
+    def add_contact(self, user: str) -> Deferred[Receipt]:
+        """Make ``user`` one of our contacts (refused with NOT_ALLOWED if they have blocked us)."""
+        return self._operation(operations.contact_add(), to=user)
+
+    def remove_contact(self, user: str, goodbye: bytes | str | None = None) -> Deferred[Receipt]:
+        """
+        Remove ``user`` from our contacts.  With ``goodbye``, a last text message and the removal
+        are one atomic bundle: ``user`` gets the goodbye, then the removal, or neither.
+        """
+        if goodbye is None:
+            return self._operation(operations.contact_remove(), to=user)
+        return self.send_bundle([Item(TEXT, _bytes(goodbye)), operations.contact_remove()], to=user)
+
+    def block(self, user: str) -> Deferred[Receipt]:
+        """Nothing but ``unblock`` passes between us and ``user`` from now on."""
+        return self._operation(operations.contact_block(), to=user)
+
+    def unblock(self, user: str) -> Deferred[Receipt]:
+        return self._operation(operations.contact_unblock(), to=user)
+
+    def contacts(self) -> Deferred[dict[str, str]]:
+        """Deferred[dict]: every user we have a relation with -> "contact" or "blocked" (a query)."""
+        return self._query(lambda rid: packets.Query(rid, schema.QUERY_CONTACTS, ""), packets.QueryResult, parse_contacts)
+
+    # Groups ------------------------------------------------------------------------------------
+
+    def create_group(self, title: str, members: Iterable[str] = ()) -> Deferred[str]:
+        """
+        Create a group with us as its owner and ``members`` in it; Deferred[str]: the group's
+        conversation id (for ``send(group=...)``).  It is a send like any other: queued while
+        disconnected, resent until acknowledged, never created twice.
+        """
+        item = operations.group_create(title, _users(members))
+        created = self._submit(lambda: self._core.send(TARGET_NEW_GROUP, "", item.content_type, item.body))
+        return created.addCallback(lambda receipt: receipt.conversation)
+
+    def add_members(self, group: str, users: Iterable[str]) -> Deferred[Receipt]:
+        """Add users to a group (any member may); those already in are skipped."""
+        return self._operation(operations.group_add(_users(users)), conversation=group)
+
+    def remove_members(self, group: str, users: Iterable[str]) -> Deferred[Receipt]:
+        """Remove members from a group (only its owner may); they get this event and nothing after it."""
+        return self._operation(operations.group_remove(_users(users)), conversation=group)
+
+    def leave_group(self, group: str) -> Deferred[Receipt]:
+        """Leave a group; if we owned it, its longest-standing member becomes the owner."""
+        return self._operation(operations.group_leave(), conversation=group)
+
+    def members(self, group: str) -> Deferred[list[Member]]:
+        """Deferred[list[Member]]: the group's current members, by name; QueryFailed if we are not one."""
+        return self._query(lambda rid: packets.Query(rid, schema.QUERY_MEMBERS, group), packets.QueryResult, parse_members)
+
+    def groups(self) -> Deferred[list[GroupInfo]]:
+        """Deferred[list[GroupInfo]]: the groups we belong to."""
+        return self._query(lambda rid: packets.Query(rid, schema.QUERY_GROUPS, ""), packets.QueryResult, parse_groups)
+
+    # Changing what was said --------------------------------------------------------------------
+
+    def recall(self, conversation: str, seq: int) -> Deferred[Receipt]:
+        """Unsend our message ``seq`` (within the server's recall window): its stored body is erased."""
+        return self._operation(operations.recall(seq), conversation=conversation)
+
+    def edit(self, conversation: str, seq: int, body: bytes | str, content_type: str = TEXT) -> Deferred[Receipt]:
+        """Replace our message ``seq`` (within the server's edit window); devices show the newest edit."""
+        return self._operation(operations.edit(seq, content_type, _bytes(body)), conversation=conversation)
+
+    def set_retention(self, conversation: str, seconds: int) -> Deferred[Receipt]:
+        """Prune the conversation's messages ``seconds`` after they were sent (0: the server's default)."""
+        return self._operation(operations.retention(seconds), conversation=conversation)
+
+    def _operation(self, item: Item, to: str | None = None, conversation: str | None = None) -> Deferred[Receipt]:
+        target_type, target = _target(to, conversation, None)
+        return self._submit(lambda: self._core.send(target_type, target, item.content_type, item.body))
+
+    # Reading, typing, presence -----------------------------------------------------------------
+    #
+    # Ephemeral: written now if logged in (True), dropped otherwise (False), never queued.
+
+    def mark_read(self, conversation: str, seq: int) -> bool:
+        """
+        Tell the server the user has seen ``conversation`` up to ``seq``: the other members (in
+        small conversations) and our other devices get an ``on_receipt`` notice.
+        """
+        return self._request(packets.Read(seq, conversation))
+
+    def read_state(self, conversation: str, seqs: Iterable[int] = ()) -> Deferred[ReadState]:
+        """Deferred[ReadState]: how many have read each of ``seqs`` (up to 256), and who read how far."""
+        asked = tuple(seqs)
+        return self._query(
+            lambda rid: packets.ReceiptsQuery(rid, conversation, asked), packets.ReceiptsResult, parse_read_state
+        )
+
+    def typing(self, conversation: str, active: bool = True) -> bool:
+        """Show (or stop showing) the other members that the user is typing."""
+        return self._request(packets.Typing(active, conversation))
+
+    def set_presence(self, status: str, text: str = "") -> bool:
+        """
+        Tell mutual contacts the user is "online", "away", "busy" or "invisible" (shown as
+        "offline"), with an optional ``text``.  The client remembers it and says it again after
+        every login (contacts may see "online" for a moment first); True if it went out now.
+        """
+        code = PRESENCE_STATUSES.get(status)
+        if code is None:
+            raise ValueError(f"presence status must be one of {', '.join(PRESENCE_STATUSES)}, not {status!r}")
+        self._presence = packets.Presence(code, text)
+        return self._request(self._presence)
+
+    def _request(self, packet: Any) -> bool:
+        if self._stopped or not self._logged_in or not self._core.request(packet):
+            return False
+        self._core_changed()
+        return True
+
+    def _query(self, make: Callable[[int], Any], answer_type: type, parse: Callable[[Any], Any]) -> Deferred[Any]:
+        """
+        Queries are answered by the server now or never: they fail with ConnectionLost when not
+        logged in, QueryTimeout after ``settings.request_timeout``, and are never resent.
+        """
+        if self._failure is not None:
+            return fail(self._failure)
+        if self._stopped:
+            return fail(ClientStopped("the client is stopped; start it before asking"))
+        if not self._logged_in:
+            return fail(ConnectionLost("not connected to the server; wait for loggedIn() and ask again"))
+        return self._queries.ask(make, answer_type, parse)
 
     def _submit(self, queue: Any) -> Deferred[Receipt]:
         if self._failure is not None:
@@ -281,6 +454,7 @@ class IMClient(Service):
         for client_msg_id, sent in sends.items():
             self._core.cancel(client_msg_id)
             sent.errback(Failure(error))
+        self._queries.fail_all(error)
         self._login_waiters.fail(error)
         self._caught_up_waiters.fail(error)
 
@@ -313,6 +487,33 @@ class IMClient(Service):
 
     def remove_message_callback(self, callback: MessageCallback) -> None:
         self._handoff.remove_callback(callback)
+
+    def on_receipt(self, callback: Callable[[ReceiptNotice], Any]) -> None:
+        """Call ``callback(ReceiptNotice)`` when a member, or another device of ours, marks a conversation read."""
+        self._receipt_callbacks.append(callback)
+
+    def on_typing(self, callback: Callable[[TypingNotice], Any]) -> None:
+        """Call ``callback(TypingNotice)`` when another member starts or stops typing."""
+        self._typing_callbacks.append(callback)
+
+    def on_presence(self, callback: Callable[[PresenceNotice], Any]) -> None:
+        """Call ``callback(PresenceNotice)`` when a mutual contact's presence changes (and for each one online at login)."""
+        self._presence_callbacks.append(callback)
+
+    def on_history_unavailable(self, callback: Callable[[str, int, int], Any]) -> None:
+        """
+        Call ``callback(conversation, after, upto)`` when messages ``after``+1..``upto`` of a
+        conversation will never be delivered (pruned, or from before the user joined a group):
+        the next message delivered there is ``upto``+1.
+        """
+        self._history_callbacks.append(callback)
+
+    def _notify(self, callbacks: list[Callable[..., Any]], *args: Any) -> None:
+        for callback in list(callbacks):
+            try:
+                callback(*args)
+            except Exception:
+                self.log.failure("callback {callback!r} failed", callback=callback)
 
     def messages(self) -> MessageStream:
         """An async iterator over the messages delivered from now on (``async for``)."""
@@ -366,6 +567,12 @@ class IMClient(Service):
                     sent.errback(Failure(SendRejected(event.client_msg_id, error_code(event.ack.status), event.ack.reason)))
             elif kind is events.SendExpired:
                 self._expired(event)
+            elif kind is events.NoticeReceived:
+                self._on_notice(event.packet)
+            elif kind is events.AnswerReceived:
+                self._queries.answer(event.packet)
+            elif kind is events.HistoryUnavailable:
+                self._notify(self._history_callbacks, event.conversation, event.after, event.upto)
             elif kind is events.LoggedIn:
                 self._on_logged_in()
             elif kind is events.CaughtUp:
@@ -377,10 +584,22 @@ class IMClient(Service):
             elif kind is events.CloseConnection:
                 pass  # the protocol drops the connection; session_ended follows
 
+    def _on_notice(self, packet: Any) -> None:
+        value = notice(packet)
+        if type(value) is ReceiptNotice:
+            self._notify(self._receipt_callbacks, value)
+        elif type(value) is TypingNotice:
+            self._notify(self._typing_callbacks, value)
+        elif type(value) is PresenceNotice:
+            self._notify(self._presence_callbacks, value)
+
     def _on_logged_in(self) -> None:
         self._logged_in = True
         self._sessions_without_login = 0
         self.log.info("logged in as {user} (device {device})", user=self.user, device=self.device)
+        if self._presence is not None and self._presence != _DEFAULT_PRESENCE:
+            # The server forgets a user's presence when their last device goes: say it again.
+            self._core.request(self._presence)
         self._settle_login()
         self._login_waiters.fire()
 
@@ -415,6 +634,7 @@ class IMClient(Service):
         else:
             self._sessions_without_login += 1
         self._logged_in = False
+        self._queries.fail_all(ConnectionLost())
         self._settle_login()
         if not self._stopped and self._failure is None:
             self._offline_timer.arm()
@@ -436,13 +656,26 @@ class IMClient(Service):
         return delay * (1 + RECONNECT_JITTER * self._rng.random())
 
 
-def _target(to: str | None, conversation: str | None) -> tuple[int, str]:
+_DEFAULT_PRESENCE = packets.Presence(schema.PRESENCE_ONLINE, "")
+
+
+def _target(to: str | None, conversation: str | None, group: str | None) -> tuple[int, str]:
+    if group is not None:
+        if conversation is not None:
+            raise ValueError("group= is another name for conversation=: give one of them")
+        conversation = group
     if (to is None) == (conversation is None):
-        raise ValueError("name exactly one of to= (a user) or conversation= (a conversation id)")
+        raise ValueError("name exactly one of to= (a user) or conversation= / group= (a conversation id)")
     if to is not None:
         return TARGET_USER, to
     assert conversation is not None
     return TARGET_CONVERSATION, conversation
+
+
+def _users(users: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(users, str):
+        raise TypeError(f"users must be a list of user names, not the string {users!r}")
+    return tuple(users)
 
 
 def _bytes(body: bytes | str) -> bytes:
