@@ -270,6 +270,20 @@ class ProtocolTests(unittest.SynchronousTestCase):
         delivered = [e for e in self.observer.found if isinstance(e, events.MessagesDelivered)]
         self.assertEqual([m.seq for e in delivered for m in e.messages], [1, 2, 3])
 
+    def test_a_conversation_that_starts_above_its_floor_is_reported(self) -> None:
+        """
+        A conversation this device has never seen, whose first messages are gone (pruned, or
+        from before the user joined), is reported as a hole before what follows is handed over.
+        """
+        self.link.catch_up(
+            ranges=(packets.Range("g:team", 4, 5, skipped_from=0), packets.Range("c", 2, 2)),
+            messages=(message("g:team", 5),),
+        )
+        found = [e for e in self.observer.found if isinstance(e, (events.HistoryUnavailable, events.MessagesDelivered))]
+        self.assertEqual(found[0], events.HistoryUnavailable("g:team", 0, 4))
+        self.assertEqual([m.seq for e in found[1:] for m in e.messages], [5])
+        self.assertNotIn(events.HistoryUnavailable("c", 2, 2), found)
+
     def test_one_delayed_call_armed_at_the_deadline(self) -> None:
         """The protocol keeps one DelayedCall, never later than the core's next deadline."""
         self.link.catch_up()

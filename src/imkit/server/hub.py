@@ -153,36 +153,42 @@ class Hub:
             return
         if conn.state == CLOSED:
             return
+        leaving = self._make_room(conn, request.user, request.device)
+        if leaving is None:
+            return  # refused: the device keeps its previous resume token
         # Every login gets a fresh resume token, replacing the device's previous one.
         token = secrets.token_bytes(32)
         expires_at = int((self.clock.seconds() + self.settings.token_ttl) * 1000)
         d = self.store.set_token(_digest(token), request.user, request.device, expires_at)
         d.addErrback(lambda failure: self.log.failure("could not record a resume token", failure))
-        if not self._make_room(conn, request.user, request.device):
-            return
         conn.accept_login(request.user, request.device, token)
         self._online.setdefault(request.user, {})[conn] = None
         self.ephemeral.device_online(conn)
+        # The connections this one replaces go once it is online: the user never went offline.
+        for other, code, reason in leaving:
+            other.close(code, reason)
+            self.connection_lost(other)
 
-    def _make_room(self, conn: ServerConnection, user: str, device: str) -> bool:
+    def _make_room(self, conn: ServerConnection, user: str, device: str) -> list[tuple[ServerConnection, ErrorCode, str]] | None:
         """
         One connection per device (a new login replaces a stale one), and at most
-        ``max_devices`` devices per user: the oldest makes way, or the newcomer is refused.
+        ``max_devices`` devices per user: the oldest makes way, or the newcomer is refused
+        (None).  Returns the connections to close, and why, once the newcomer is in.
         """
         devices = self._online.get(user, {})
-        for other in [other for other in devices if other.device == device]:
-            other.close(ErrorCode.OK, "this device logged in again on another connection")
-            self.connection_lost(other)
-        devices = self._online.get(user, {})
-        if len(devices) < self.settings.max_devices:
-            return True
+        leaving = [
+            (other, ErrorCode.OK, "this device logged in again on another connection")
+            for other in devices
+            if other.device == device
+        ]
+        staying = [other for other in devices if other.device != device]
+        if len(staying) < self.settings.max_devices:
+            return leaving
         if self.settings.device_policy == "refuse":
-            conn.reject_login(ErrorCode.TOO_MANY_DEVICES, f"already logged in on {len(devices)} devices, the most allowed")
-            return False
-        oldest = next(iter(devices))
-        oldest.close(ErrorCode.TOO_MANY_DEVICES, "logged out: a newer device of this user logged in")
-        self.connection_lost(oldest)
-        return True
+            conn.reject_login(ErrorCode.TOO_MANY_DEVICES, f"already logged in on {len(staying)} devices, the most allowed")
+            return None
+        leaving.append((staying[0], ErrorCode.TOO_MANY_DEVICES, "logged out: a newer device of this user logged in"))
+        return leaving
 
     async def _password_valid(self, request: events.LoginRequested) -> bool:
         try:
@@ -256,6 +262,12 @@ class Hub:
                     return
                 members = _pair(*pair)
             elif is_group(conversation):
+                if items[0].content_type == schema.GROUP_CREATE:
+                    # Only TARGET_NEW_GROUP creates: a name the client chose would tell a
+                    # non-member whether that group exists (created, or refused).
+                    reason = "a group is created by the first item sent to a new group"
+                    self._refuse(conn, packet.client_msg_id, ErrorCode.INVALID_OPERATION, reason)
+                    return
                 members = ()
             else:
                 self._refuse(conn, packet.client_msg_id, ErrorCode.INVALID_TARGET, f"{conversation!r} is not a conversation id")
@@ -429,8 +441,9 @@ class Hub:
             floor, upto = spans[conversation]
             # Below the floor is gone (pruned, or before this member could see it): the range
             # starts above it, and the client reports the hole instead of waiting for it.
-            start = min(max(starts[conversation], floor), upto)
-            ranges.append(packets.Range(conversation, start, upto))
+            wanted = min(starts[conversation], upto)
+            start = min(max(wanted, floor), upto)
+            ranges.append(packets.Range(conversation, start, upto, wanted))
         for span in ranges:
             if span.from_seq >= span.head_seq:
                 continue

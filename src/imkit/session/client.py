@@ -360,6 +360,8 @@ class ClientCore:
                 found.append(events.HistoryUnavailable(span.conversation, known, span.from_seq))
                 released.extend(self.inbound.skip_to(span.conversation, span.from_seq))
             else:
+                if known is None and span.skipped_from < span.from_seq:
+                    found.append(events.HistoryUnavailable(span.conversation, span.skipped_from, span.from_seq))
                 released.extend(self.inbound.start(span.conversation, span.from_seq))
         if purpose == "stale":
             pass

@@ -24,11 +24,17 @@ class Cursor:
 
 @attrs.frozen
 class Range:
-    """Where a sync answer starts in a conversation (exclusive) and where the conversation ends."""
+    """
+    Where a sync answer starts in a conversation (exclusive) and where the conversation ends for
+    the asker.  ``skipped_from`` below ``from_seq`` says the messages after it up to ``from_seq``
+    exist no more for the asker (pruned by retention, or from before they joined a group): the
+    client reports that hole instead of leaving it silent.
+    """
 
     conversation: str
     from_seq: int
     head_seq: int
+    skipped_from: int = attrs.field(default=attrs.Factory(lambda self: self.from_seq, takes_self=True))
 
 
 @attrs.frozen

@@ -89,6 +89,7 @@ CURSOR = Struct(
 RANGE = Struct(
     "from_seq" / Int64ub,
     "head_seq" / Int64ub,
+    "skipped_from" / Int64ub,
     "conversation" / str16,
 )
 
