@@ -6,6 +6,11 @@ Every imkit benchmark in turn: ``python benchmarks/run.py [--quick] [--count N] 
    imkit against Mosquitto (QoS 1).
 3. ``bench_pipeline.py``: ``seq | imkit send`` into ``imkit listen`` against
    ``seq | mosquitto_pub`` into ``mosquitto_sub``.
+4. ``bench_group.py``: fan-out to a group of 1,000 members with 200 online over loopback TLS:
+   latency to the last online member, server CPU per message and per delivered copy, and the
+   rate a pipelined sender sustains.
+5. ``bench_attack.py``: an honest chat's latency p50/p99, quiet and while a local attacker runs
+   slowloris, a connection flood, oversized frames and slow readers against the server.
 
 Each runs as a process of its own, with the working tree's ``src`` first on the path; a failing
 one is reported and the others still run.  The exit status is 1 if any failed.  Defaults finish
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         ("bench_codec.py", quick),
         ("bench_e2e.py", quick + count + (["--profile"] if opts.profile else [])),
         ("bench_pipeline.py", quick + count),
+        ("bench_group.py", quick),
+        ("bench_attack.py", quick),
     ]
     failed = []
     for name, arguments in benchmarks:

@@ -6,9 +6,10 @@ anything signed by this CA must never be trusted outside a developer machine.
 
 Usage, from anywhere::
 
-    python certs/generate.py                  # new CA + server cert, refresh package copies
+    python certs/generate.py                  # new CA, server and client-bot certs, refresh package copies
     python certs/generate.py --client alice   # client-alice.pem/.key signed by the existing CA
-    python certs/generate.py --out DIR        # write a fresh set to DIR (package copies untouched)
+    python certs/generate.py --out DIR        # write a fresh CA + server set to DIR (package copies untouched)
+    python certs/generate.py --out DIR --server-days 80   # ... with a short-lived server certificate
 
 Writes into the certs/ folder next to this script (or --out DIR):
 
@@ -19,6 +20,10 @@ Writes into the certs/ folder next to this script (or --out DIR):
   client must already hold as its trust root, so sending it is useless.
 - ``client-NAME.pem`` / ``client-NAME.key`` (with ``--client NAME``): a
   clientAuth certificate with CN=NAME for mutual-TLS work.
+- ``client-bot.pem`` / ``client-bot.key``: written along with a new CA in the
+  default folder only, the client certificate of user "bot" that the
+  mutual-TLS tests and examples use (``--tls-client-ca certs/ca.pem`` on the
+  server; the user is the certificate's common name).
 
 When writing to the default folder it also copies ca.pem, server.pem and
 server.key into src/imkit/_devcerts/, the fallback that ships inside the
@@ -54,6 +59,8 @@ BACKDATE = datetime.timedelta(minutes=5)
 ORG = "imkit development (DO NOT TRUST)"
 SERVER_DNS = ("localhost",)
 SERVER_IPS = ("127.0.0.1", "::1")
+# Client certificates written with a new CA into the default folder.
+DEFAULT_CLIENTS = ("bot",)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -179,14 +186,17 @@ def _make_leaf(
 
 
 def make_server(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, now: datetime.datetime
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    now: datetime.datetime,
+    days: int = SERVER_DAYS,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     san = x509.SubjectAlternativeName(
         [x509.DNSName(d) for d in SERVER_DNS]
         + [x509.IPAddress(ipaddress.ip_address(a)) for a in SERVER_IPS]
     )
     return _make_leaf(
-        ca_key, ca_cert, now, "localhost", SERVER_DAYS, ExtendedKeyUsageOID.SERVER_AUTH, san
+        ca_key, ca_cert, now, "localhost", days, ExtendedKeyUsageOID.SERVER_AUTH, san
     )
 
 
@@ -213,6 +223,18 @@ def _load_ca(out: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise SystemExit(f"{out / 'ca.key'} is not an EC key; regenerate the CA")
     return key, cert
+
+
+def _write_client(out: Path, ca_key, ca_cert, now: datetime.datetime, name: str) -> None:
+    key, cert = make_client(ca_key, ca_cert, now, name)
+    _write(out / f"client-{name}.key", _key_pem(key), private=True)
+    _write(out / f"client-{name}.pem", _cert_pem(cert))
+
+
+def _days(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= SERVER_DAYS:
+        raise argparse.ArgumentTypeError(f"bad number of days {text!r}: use 1 to {SERVER_DAYS}")
+    return int(text)
 
 
 def _valid_client_name(name: str) -> str:
@@ -242,26 +264,35 @@ def main(argv: list[str] | None = None) -> int:
         help="only write client-NAME.pem/.key (clientAuth, CN=NAME) signed by the "
         "existing CA in the output directory, for mutual-TLS work",
     )
+    parser.add_argument(
+        "--server-days",
+        metavar="N",
+        type=_days,
+        default=SERVER_DAYS,
+        help=f"validity of the server certificate in days (default {SERVER_DAYS}; "
+        "Mozilla's profiles want at most 90 for modern, 366 for intermediate)",
+    )
     args = parser.parse_args(argv)
     out: Path = args.out if args.out is not None else HERE
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
 
     if args.client:
         ca_key, ca_cert = _load_ca(out)
-        key, cert = make_client(ca_key, ca_cert, now, args.client)
-        _write(out / f"client-{args.client}.key", _key_pem(key), private=True)
-        _write(out / f"client-{args.client}.pem", _cert_pem(cert))
+        _write_client(out, ca_key, ca_cert, now, args.client)
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = make_ca(now)
-    server_key, server_cert = make_server(ca_key, ca_cert, now)
+    server_key, server_cert = make_server(ca_key, ca_cert, now, args.server_days)
     _write(out / "ca.key", _key_pem(ca_key), private=True)
     _write(out / "ca.pem", _cert_pem(ca_cert))
     _write(out / "server.key", _key_pem(server_key), private=True)
     _write(out / "server.pem", _cert_pem(server_cert))
 
     if args.out is None:
+        # The old client certificates no longer chain to the new CA.
+        for name in DEFAULT_CLIENTS:
+            _write_client(out, ca_key, ca_cert, now, name)
         PACKAGE_COPY_DIR.mkdir(parents=True, exist_ok=True)
         for name in PACKAGE_COPY_FILES:
             shutil.copyfile(out / name, PACKAGE_COPY_DIR / name)

@@ -9,9 +9,10 @@ duplicate or delay them (a delayed frame is overtaken by the frames sent after i
 ``FaultPlan`` decides.
 
 Time is a ``twisted.internet.task.Clock`` shared by everything, and the ``World`` moves it straight
-to the next thing that can happen: a frame arriving, a session deadline, or an entry of its agenda
-(application sends, connection cuts, server restarts, reconnects).  Nothing else can happen in
-between, so a run is exactly reproducible.
+to the next thing that can happen: a frame arriving, a session deadline, a call the hub scheduled
+on the clock, or an entry of its agenda (application sends, connection cuts, server restarts,
+reconnects).  Nothing else can happen in between, and the hub's ``secrets`` (resume tokens, new
+group names) come from a seeded generator while the world runs, so a run is exactly reproducible.
 
 Connections end the way TCP connections do:
 
@@ -26,11 +27,15 @@ server is down).  A server restart drops every ``ServerConnection`` and the hub,
 hub on the same store, which keeps every message, dedupe record and cursor.
 
 ``World.violations()`` checks, at the end, what the seed design's "Reliability" and "Consistency"
-sections promise; see its docstring.
+sections promise, for direct conversations and groups alike; see its docstring.  Who may read what
+and which submissions the rules allow come from ``Replay``, the checker's own reading of the
+rules, not from ``imkit.rules``.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import heapq
 import itertools
 import math
@@ -44,8 +49,11 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
-from imkit.model import Item, Message, direct_conversation
+from imkit import operations
+from imkit.model import Item, Message, Submission, direct_conversation, direct_members
 from imkit.passwords import Passwords
+from imkit.rules import Policy
+from imkit.server import hub as hub_module
 from imkit.server.hub import Hub
 from imkit.session import events
 from imkit.session.client import DISCONNECTED as CLIENT_DISCONNECTED
@@ -55,6 +63,7 @@ from imkit.session.server import CLOSED, ServerConnection
 from imkit.session.settings import ClientSettings, ServerSettings
 from imkit.store.memory import MemoryStore
 from imkit.wire import codec, schema
+from imkit.wire.errors import ErrorCode
 
 UP = "up"
 """Client to server."""
@@ -76,7 +85,7 @@ KIND_NAMES = {
     getattr(schema, name): name
     for name in (
         "HELLO", "HELLO_OK", "LOGIN", "LOGIN_RESULT", "SEND", "SEND_ACK", "DELIVER", "DELIVER_ACK", "SYNC",
-        "SYNC_RESULT", "BUNDLE", "DELIVER_BUNDLE", "HEADS", "PING", "PONG", "ERROR", "BYE",
+        "SYNC_RESULT", "BUNDLE", "DELIVER_BUNDLE", "HEADS", "PING", "PONG", "ERROR", "BYE", "PRESENCE_NOTICE",
     )
 }
 
@@ -113,6 +122,22 @@ def _fired(d: Any) -> Any:
     if isinstance(results[0], Failure):
         results[0].raiseException()
     return results[0]
+
+
+class _Secrets:
+    """
+    What the hub takes from ``secrets`` (resume tokens, new group names), drawn from a seeded
+    generator instead, so that a run that creates groups is exactly reproducible.
+    """
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def token_bytes(self, n: int) -> bytes:
+        return self._rng.randbytes(n)
+
+    def token_urlsafe(self, n: int) -> str:
+        return base64.urlsafe_b64encode(self._rng.randbytes(n)).rstrip(b"=").decode("ascii")
 
 
 # Faults -----------------------------------------------------------------------------------------
@@ -213,13 +238,16 @@ class AppLog:
     Everything one run of a device's application was told, in order.
 
     ``starts`` is where this run resumed each conversation (the positions it was restarted with,
-    or the server's cursors); it should get each conversation from there on.
+    or the server's cursors); it should get each conversation from there on.  ``skipped`` are the
+    HistoryUnavailable events: holes the client said it will never fill (a group it joined late).
     """
 
     starts: dict[str, int] = attrs.Factory(dict)
     batches: list[tuple[Message, ...]] = attrs.Factory(list)
     acks: dict[int, Any] = attrs.Factory(dict)
     rejected: dict[int, Any] = attrs.Factory(dict)
+    rejected_at: dict[int, float] = attrs.Factory(dict)
+    skipped: list[events.HistoryUnavailable] = attrs.Factory(list)
     problems: list[str] = attrs.Factory(list)
     logins: int = 0
     caught_up: int = 0
@@ -239,13 +267,25 @@ class AppLog:
 
 @attrs.frozen
 class Sent:
-    """One send the application made, and what it expects to be stored."""
+    """
+    One send the application made, and what it expects to be stored.  ``conversation`` is None
+    for a send to TARGET_NEW_GROUP: the server names the group in the ack.
+    """
 
     device: str
     client_msg_id: int
-    conversation: str
+    conversation: str | None
     items: tuple[Item, ...]
     at: float
+
+
+@attrs.frozen
+class Preloaded:
+    """A submission written straight into the store before the run (the world's history)."""
+
+    label: str
+    client_msg_id: int
+    messages: tuple[Message, ...]
 
 
 @attrs.frozen
@@ -298,6 +338,8 @@ class Device:
         self.online = False
         """Whether the application wants to be connected (it reconnects while this is true)."""
         self.connections = 0
+        self.groups: list[str] = []
+        """The group conversations the user of this device has seen through it, in order (kept across restarts)."""
         self.client = self._new_client(delivered)
 
     @property
@@ -323,6 +365,10 @@ class Device:
             rng=random.Random(f"{self.label}#{self.connections}"),
         )
 
+    def _learn(self, conversation: str) -> None:
+        if conversation.startswith("g:") and conversation not in self.groups:
+            self.groups.append(conversation)
+
     def on_events(self, found: list[Any]) -> None:
         app = self.app
         close = False
@@ -330,12 +376,20 @@ class Device:
             kind = type(event)
             if kind is events.MessagesDelivered:
                 app.batches.append(event.messages)
+                for m in event.messages:
+                    self._learn(m.conversation)
             elif kind is events.SendAcknowledged:
                 if event.client_msg_id in app.acks:
                     app.problems.append(f"{self.label}: send {event.client_msg_id} acknowledged twice")
                 app.acks[event.client_msg_id] = event.ack
+                self._learn(event.ack.conversation)
             elif kind is events.SendRejected:
+                if event.client_msg_id in app.rejected or event.client_msg_id in app.acks:
+                    app.problems.append(f"{self.label}: send {event.client_msg_id} answered twice")
                 app.rejected[event.client_msg_id] = event.ack
+                app.rejected_at[event.client_msg_id] = self.world.now
+            elif kind is events.HistoryUnavailable:
+                app.skipped.append(event)
             elif kind is events.SendExpired:
                 app.problems.append(f"{self.label}: send {event.client_msg_id} expired")
             elif kind is events.LoggedIn:
@@ -461,6 +515,228 @@ class Link:
         return moved
 
 
+# The checker's reading of the rules -------------------------------------------------------------
+
+_CONTACT_OPERATIONS = (schema.CONTACT_ADD, schema.CONTACT_REMOVE, schema.CONTACT_BLOCK, schema.CONTACT_UNBLOCK)
+
+
+def submissions_of(messages: list[Message]) -> list[list[Message]]:
+    """A conversation's stored messages cut into what was submitted together (a bundle counts down to 0)."""
+    found: list[list[Message]] = []
+    current: list[Message] = []
+    for m in messages:
+        current.append(m)
+        if not m.bundle_remaining:
+            found.append(current)
+            current = []
+    if current:
+        found.append(current)
+    return found
+
+
+@attrs.frozen
+class GroupState:
+    members: dict[str, int]
+    """Each member and the seq of the event that made them one."""
+    owner: str
+
+
+class Replay:
+    """
+    One stored conversation replayed by the checker's own reading of the seed design's rules
+    (written here from the design, not taken from ``imkit.rules``): who may read which sequences,
+    and the conversation's state after each stored submission.
+
+    Readers: both users of a direct conversation read all of it.  In a group, the creator and the
+    users it was created with read from seq 1; a user added later reads from the event that added
+    them (from seq 1 with ``history_on_join``); a member removed, or leaving, reads up to and
+    including that event.
+
+    The states judge submissions: every stored one must have been allowed in the state before it
+    (``problems``), and every refusal a client got must be what some state the conversation was in
+    while that send was on its way would answer (``justified``).
+    """
+
+    def __init__(self, conversation: str, messages: list[Message], policy: Policy) -> None:
+        self.conversation = conversation
+        self.policy = policy
+        self.pair = direct_members(conversation)
+        self.head = messages[-1].seq if messages else 0
+        self.problems: list[str] = []
+        self.states: list[tuple[int, Any]] = [(-1, {} if self.pair is not None else None)]
+        """(server time in ms of the submission that led to it, state); the first is the empty one."""
+        spans: dict[str, list[tuple[int, int]]] = {}
+        opened: dict[str, int] = {}
+        if self.pair is not None and self.head:
+            opened = {user: 1 for user in self.pair}
+        for submission in submissions_of(messages):
+            first = submission[0]
+            before = self.states[-1][1]
+            items = tuple(Item(m.content_type, m.body) for m in submission)
+            verdict = self.verdict(before, first.sender, items)
+            if verdict:
+                self.problems.append(
+                    f"(7) {conversation} seq {first.seq} from {first.sender}/{first.sender_device} is stored, "
+                    f"but the rules answer it with {ErrorCode(verdict).name}"
+                )
+            self.states.append((first.sent_at, self._apply(before, submission, opened, spans)))
+        for user, start in opened.items():
+            spans.setdefault(user, []).append((start, self.head))
+        self.ranges = spans
+        """Per user, the (first, last) sequences of each of their memberships, oldest first."""
+        self.readable: dict[str, set[int]] = {
+            user: {seq for start, end in ranges for seq in range(start, end + 1)} for user, ranges in spans.items()
+        }
+        self.owed: dict[str, set[int]] = {user: set(range(ranges[-1][0], ranges[-1][1] + 1)) for user, ranges in spans.items()}
+        """
+        What every device of the user must get: their latest membership.  What they may read of
+        an earlier one (they were removed, or left, and were added again) a device may get only a
+        first part of, then be told it is unavailable: the store keeps one span per user and
+        member (a known limitation, see test_readmitted_member_keeps_its_earlier_membership).
+        """
+
+    def may_read(self, user: str, seq: int) -> bool:
+        return seq in self.readable.get(user, ())
+
+    def is_owed(self, user: str, seq: int) -> bool:
+        return seq in self.owed.get(user, ())
+
+    def last_span(self, user: str) -> tuple[int, int] | None:
+        """What the store's ``visible`` should say: (floor, upto) of the user's latest membership."""
+        ranges = self.ranges.get(user)
+        if not ranges:
+            return None
+        first, last = ranges[-1]
+        return (first - 1, last)
+
+    def _apply(self, state: Any, submission: list[Message], opened: dict[str, int], spans: dict[str, list[tuple[int, int]]]) -> Any:
+        pair = self.pair
+        if pair is not None:
+            relations = dict(state)
+            for m in submission:
+                kind = m.content_type
+                if kind not in _CONTACT_OPERATIONS:
+                    continue
+                other = pair[0] if pair[1] == m.sender else pair[1]
+                mine = relations.get((m.sender, other), schema.RELATION_NONE)
+                if kind == schema.CONTACT_ADD:
+                    mine = schema.RELATION_CONTACT
+                elif kind == schema.CONTACT_REMOVE:
+                    mine = schema.RELATION_NONE if mine == schema.RELATION_CONTACT else mine
+                elif kind == schema.CONTACT_BLOCK:
+                    mine = schema.RELATION_BLOCKED
+                elif mine == schema.RELATION_BLOCKED:
+                    mine = schema.RELATION_NONE
+                relations[(m.sender, other)] = mine
+            return relations
+        members = dict(state.members) if state is not None else {}
+        owner = state.owner if state is not None else submission[0].sender
+
+        def close(user: str, seq: int) -> None:
+            spans.setdefault(user, []).append((opened.pop(user), seq))
+
+        for m in submission:
+            kind = m.content_type
+            if not kind.startswith(schema.OPERATION_PREFIX):
+                continue
+            value = operations.decode(kind, m.body)
+            if kind == schema.GROUP_CREATE:
+                for user in (m.sender, *value.users):
+                    if user not in members:
+                        members[user] = m.seq
+                        opened[user] = 1
+            elif kind == schema.GROUP_ADD:
+                for user in value.users:
+                    if user not in members:
+                        members[user] = m.seq
+                        opened[user] = 1 if self.policy.history_on_join else m.seq
+            elif kind == schema.GROUP_REMOVE:
+                for user in value.users:
+                    del members[user]
+                    close(user, m.seq)
+            elif kind == schema.GROUP_LEAVE:
+                del members[m.sender]
+                close(m.sender, m.seq)
+                if owner == m.sender and members:
+                    owner = min(members, key=lambda user: (members[user], user))
+        return GroupState(members, owner)
+
+    def verdict(self, state: Any, sender: str, items: tuple[Item, ...]) -> int:
+        """What the rules answer ``items`` from ``sender`` with in ``state``: 0 (stored) or an ErrorCode."""
+        pair = self.pair
+        if pair is not None:
+            if sender not in pair:
+                return ErrorCode.NOT_A_MEMBER
+            other = pair[0] if pair[1] == sender else pair[1]
+            if other == sender:
+                mine = theirs = schema.RELATION_CONTACT
+            else:
+                mine = state.get((sender, other), schema.RELATION_NONE)
+                theirs = state.get((other, sender), schema.RELATION_NONE)
+            contacts = schema.RELATION_CONTACT
+            for item in items:
+                kind = item.content_type
+                if not kind.startswith(schema.OPERATION_PREFIX):
+                    if schema.RELATION_BLOCKED in (mine, theirs) or (
+                        self.policy.contacts_only and not mine == theirs == contacts
+                    ):
+                        return ErrorCode.NOT_ALLOWED
+                elif kind == schema.CONTACT_ADD:
+                    if theirs == schema.RELATION_BLOCKED:
+                        return ErrorCode.NOT_ALLOWED
+                    mine = contacts
+                elif kind == schema.CONTACT_REMOVE:
+                    mine = schema.RELATION_NONE if mine == contacts else mine
+                else:
+                    return ErrorCode.INVALID_OPERATION  # not used by the workloads
+            return 0
+        start = 0
+        if state is None:
+            if items[0].content_type != schema.GROUP_CREATE:
+                return ErrorCode.NOT_A_MEMBER
+            members = {sender, *operations.decode(schema.GROUP_CREATE, items[0].body).users}
+            owner = sender
+            start = 1
+        elif sender not in state.members:
+            return ErrorCode.NOT_A_MEMBER
+        else:
+            members = set(state.members)
+            owner = state.owner
+        last = len(items) - 1
+        for index in range(start, len(items)):
+            kind = items[index].content_type
+            if sender not in members:
+                return ErrorCode.INVALID_OPERATION
+            if not kind.startswith(schema.OPERATION_PREFIX):
+                continue
+            value = operations.decode(kind, items[index].body)
+            if kind == schema.GROUP_ADD and index == 0:
+                members.update(value.users)
+            elif kind == schema.GROUP_REMOVE and index == last and sender == owner:
+                for user in value.users:
+                    if user == sender or user not in members:
+                        return ErrorCode.INVALID_OPERATION
+                    members.discard(user)
+            elif kind == schema.GROUP_LEAVE and index == last:
+                members.discard(sender)
+            else:
+                return ErrorCode.INVALID_OPERATION
+        return 0
+
+    def justified(self, sender: str, items: tuple[Item, ...], code: int, sent: float, answered: float) -> bool:
+        """
+        Whether some state the conversation was in between the send (``sent``) and its refusal
+        reaching the client (``answered``) refuses ``items`` with ``code``.
+        """
+        low, high = math.floor(sent * 1000), math.ceil(answered * 1000)
+        states = self.states
+        for index, (since, state) in enumerate(states):
+            until = states[index + 1][0] if index + 1 < len(states) else math.inf
+            if since <= high and until >= low and self.verdict(state, sender, items) == code:
+                return True
+        return False
+
+
 # The world --------------------------------------------------------------------------------------
 
 
@@ -481,11 +757,14 @@ class World:
         faults: FaultPlan | None = None,
         reconnect_delay: float = 1.0,
         latency: dict[str, float] | None = None,
+        policy: Policy = Policy(),
     ) -> None:
         self.clock = Clock()
         self.clock.advance(EPOCH)
         self.server_settings = server_settings
         self.client_settings = client_settings
+        self.policy = policy
+        self._secrets = _Secrets(random.Random(f"{sorted(users.items())}"))
         self.faults = faults or FaultPlan()
         self.reconnect_delay = reconnect_delay
         self.latency = latency or {}
@@ -506,6 +785,9 @@ class World:
         self.trace: list[Trace] = []
         self.notes: list[str] = []
         self.sent: list[Sent] = []
+        self.preloaded: list[Preloaded] = []
+        self.skipped_sends: list[str] = []
+        """Group sends the workload wanted to make from a device that knew no group yet."""
         self.abandoned: set[tuple[str, int]] = set()
         """Sends that died with their application (``restart_device``): nobody waits for their ack."""
         self.links: list[Link] = []
@@ -519,7 +801,7 @@ class World:
                 self.frame_counts[device.label] = {UP: 0, DOWN: 0}
 
     def _new_hub(self) -> Hub:
-        hub = Hub(self.store, self.passwords, self.clock, self.server_settings)
+        hub = Hub(self.store, self.passwords, self.clock, self.server_settings, self.policy)
         hub.log = Logger(namespace="imkit.server.hub", observer=self._observe_hub)
         return hub
 
@@ -560,15 +842,60 @@ class World:
         device = self.devices[label]
         conversation = direct_conversation(device.user, target_user)
         if via_conversation:
-            target_type, target = schema.TARGET_CONVERSATION, conversation
+            return self.submit(label, schema.TARGET_CONVERSATION, conversation, items)
+        return self.submit(label, schema.TARGET_USER, target_user, items)
+
+    def submit(self, label: str, target_type: int, target: str, items: Iterable[Item], bundle: bool = False) -> int:
+        """
+        Send ``items`` from a device: one Send for a single item (unless ``bundle``), else a
+        Bundle.  Returns the client message id.
+        """
+        device = self.devices[label]
+        items = tuple(items)
+        if target_type == schema.TARGET_USER:
+            conversation: str | None = direct_conversation(device.user, target)
+        elif target_type == schema.TARGET_CONVERSATION:
+            conversation = target
         else:
-            target_type, target = schema.TARGET_USER, target_user
-        if len(items) == 1:
+            conversation = None
+        if len(items) == 1 and not bundle:
             cmid = device.client.send(target_type, target, items[0].content_type, items[0].body)
         else:
             cmid = device.client.send_bundle(target_type, target, items)
         self.sent.append(Sent(label, cmid, conversation, items, self.now))
         return cmid
+
+    def create_group(self, label: str, title: str, users: Iterable[str], bodies: Iterable[bytes] = ()) -> int:
+        """A device creates a group through TARGET_NEW_GROUP: [group.create, *plain items] in one bundle."""
+        items = (operations.group_create(title, tuple(users)),) + tuple(Item("text/plain", b) for b in bodies)
+        return self.submit(label, schema.TARGET_NEW_GROUP, "", items, bundle=True)
+
+    def send_to_group(self, label: str, items: Iterable[Item], what: str = "send") -> int | None:
+        """
+        Send ``items`` to the first group this device has seen (by delivery or ack), as a Send or
+        a Bundle; None (and a note) if it knows none yet, as an application could not address it.
+        """
+        device = self.devices[label]
+        if not device.groups:
+            self.skipped_sends.append(f"{self.now - EPOCH:9.3f} {label} knows no group for its {what}")
+            return None
+        items = tuple(items)
+        return self.submit(label, schema.TARGET_CONVERSATION, device.groups[0], items, bundle=len(items) > 1)
+
+    def preload(self, label: str, conversation: str, items: Iterable[Item]) -> tuple[Message, ...]:
+        """
+        Store a submission from ``label`` ("user/device", a device that need not exist) straight
+        into the store, under the world's policy, before the run: history every member's devices
+        must then get like any other message.
+        """
+        user, _, device = label.partition("/")
+        pair = direct_members(conversation)
+        members = tuple(sorted(set(pair))) if pair is not None else ()
+        cmid = len(self.preloaded) + 1
+        submission = Submission(user, device, cmid, conversation, members, int(self.now * 1000), tuple(items))
+        appended = _fired(self.store.append(submission, self.policy))
+        self.preloaded.append(Preloaded(label, cmid, appended.messages))
+        return appended.messages
 
     def connect(self, label: str) -> None:
         device = self.devices[label]
@@ -724,6 +1051,9 @@ class World:
                 moved |= device.poll(now)
             for link in list(self.links):
                 moved |= link.poll_server(now)
+            if any(call.getTime() <= now for call in self.clock.getDelayedCalls()):
+                self.clock.advance(0)  # the hub's own callLater(0)s (a large group's fan-out)
+                moved = True
             if not moved:
                 return
         raise AssertionError("livelock: the simulation keeps doing things without time passing")
@@ -744,12 +1074,28 @@ class World:
             due = device.client.next_deadline()
             if due is not None:
                 times.append(due)
+        for call in self.clock.getDelayedCalls():
+            times.append(call.getTime())
         return min(times) if times else None
+
+    @contextlib.contextmanager
+    def _deterministic(self) -> Any:
+        """While the world runs, the hub's ``secrets`` are this world's seeded ones."""
+        saved = hub_module.secrets
+        hub_module.secrets = self._secrets  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            hub_module.secrets = saved
 
     def run_until(self, end: float, until: Callable[[], bool] | None = None) -> bool:
         """
         Advance to ``end`` (absolute) event by event; stop early, returning True, once ``until()``.
         """
+        with self._deterministic():
+            return self._run_until(end, until)
+
+    def _run_until(self, end: float, until: Callable[[], bool] | None) -> bool:
         stuck = 0
         while True:
             self._settle()
@@ -791,9 +1137,11 @@ class World:
                 return False
             if client.unacknowledged or client.inbound.pending or client.inbound.ack_due:
                 return False
-            heads = _fired(self.store.conversations(device.user))
+            # Every conversation the user may read, up to where they may read it (a former member
+            # of a group up to their removal), not only those they belong to now.
+            spans = _fired(self.store.visible(device.user))
             delivered = client.inbound.delivered
-            if any(delivered.get(c, 0) != head for c, head in heads.items()):
+            if any(delivered.get(c, 0) < upto for c, (_floor, upto) in spans.items()):
                 return False
         return True
 
@@ -806,36 +1154,47 @@ class World:
     def stored(self) -> dict[str, list[Message]]:
         """Every conversation in the store with all its messages, from its public interface."""
         conversations: set[str] = set()
-        for user in {d.user for d in self.devices.values()}:
+        for user in _fired(self.store.list_users()):
             conversations.update(_fired(self.store.conversations(user)))
+            conversations.update(_fired(self.store.visible(user)))
         return {c: _fired(self.store.read(c, 0, 1_000_000)) for c in sorted(conversations)}
 
     def violations(self) -> list[str]:
         """
         What went wrong, as readable sentences (empty if nothing did):
 
-        1. an acknowledged message is missing from a device of a member of its conversation (the
-           sending device included: it sees its own messages through the ack);
+        1. an acknowledged message is missing from a device of a user who may read it (the
+           sending device included: it sees its own messages through the ack; the user's other
+           devices get them like everybody else), or a client said history is unavailable where
+           its user may read it;
         2. a run of a device's application got a message twice;
-        3. a device's application did not get its conversation as exactly seq 1..N in order, each
-           message identical to the stored one (so every reader sees the same order).  A restarted
+        3. a device's application did not get its conversation as exactly the sequences its user
+           may read, in order, each message identical to the stored one (so every reader sees the
+           same order), or got one its user may not read.  Who may read what is ``Replay``'s: all
+           of a direct conversation; a group from the start (its first members) or from the event
+           that added them, up to and including the one that removed them.  A restarted
            application gets it from where it resumed (``AppLog.starts``) on; a run that ended got
            a gap-free part of it from there;
         4. a bundle was split across deliveries or interleaved with other messages;
-        5. a send was not acknowledged (or was rejected, or expired);
-        6. a server id names two different messages, an ack disagrees with what was stored, or a
-           send was stored more than once (or something nobody sent was stored);
+        5. a send was not acknowledged (or expired), or was refused although no state its
+           conversation was in while the send was on its way refuses it (``Replay.justified``);
+        6. a server id names two different messages, an ack disagrees with what was stored, a
+           send was stored more than once (or something nobody sent was stored), or a send the
+           client was told is refused was stored;
+        7. the store holds a submission the rules forbid where it stands, or its ``visible``
+           disagrees with ``Replay`` about what a user may read;
 
         plus anything the hub logged as a failure, and login rejections for a right password.
         Sends that died with a restarted application are not expected to be acknowledged (5), but
-        if they were stored, every member's devices must still get them.
+        if they were stored, every reader's devices must still get them.
         """
         problems: list[str] = []
         stored = self.stored()
         by_server_id: dict[int, Message] = {}
-        members: dict[str, tuple[str, ...]] = {}
+        replays: dict[str, Replay] = {}
         for conversation, messages in stored.items():
-            members[conversation] = _fired(self.store.members(conversation))
+            replays[conversation] = replay = Replay(conversation, messages, self.policy)
+            problems.extend(replay.problems)
             seqs = [m.seq for m in messages]
             if seqs != list(range(1, len(seqs) + 1)):
                 problems.append(f"(3) the store holds {conversation} as seqs {seqs}")
@@ -843,20 +1202,45 @@ class World:
                 other = by_server_id.setdefault(m.server_id, m)
                 if other != m:
                     problems.append(f"(6) server id {m.server_id} is both {other} and {m}")
+        for user in _fired(self.store.list_users()):
+            visible = _fired(self.store.visible(user))
+            for conversation, replay in replays.items():
+                expected = replay.last_span(user)
+                if visible.get(conversation) != expected:
+                    problems.append(f"(7) the store lets {user} read {conversation} {visible.get(conversation)}, not {expected}")
 
-        # 5 and 6: every send acknowledged, with what was stored.
+        # 5 and 6: every send acknowledged, with what was stored, or refused for a reason.
         acked: dict[tuple[str, int], Message] = {}
+        for preloaded in self.preloaded:
+            acked.update(((m.conversation, m.seq), m) for m in preloaded.messages)
+        sizes = {(s.device, s.client_msg_id): len(s.items) for s in self.sent}
+        sizes.update(((p.label, p.client_msg_id), len(p.messages)) for p in self.preloaded)
+        copies = Counter(
+            (f"{m.sender}/{m.sender_device}", m.client_msg_id) for messages in stored.values() for m in messages
+        )
         for sent in self.sent:
             device = self.devices[sent.device]
             ack = device.acked(sent.client_msg_id)
             if ack is None:
-                rejected = [app.rejected[sent.client_msg_id] for app in device.apps if sent.client_msg_id in app.rejected]
-                if rejected:
-                    problems.append(f"(5) {sent.device}'s send {sent.client_msg_id} was rejected: {rejected[0]}")
+                refusals = [(app.rejected[sent.client_msg_id], app.rejected_at[sent.client_msg_id]) for app in device.apps if sent.client_msg_id in app.rejected]
+                if refusals:
+                    refusal, when = refusals[0]
+                    what = f"{sent.device}'s send {sent.client_msg_id} made at {sent.at - EPOCH:.3f}"
+                    replay = replays.get(sent.conversation) if sent.conversation is not None else None
+                    if sent.conversation is not None and replay is None:
+                        replay = Replay(sent.conversation, [], self.policy)
+                    if copies[(sent.device, sent.client_msg_id)]:
+                        problems.append(f"(6) {what} is stored, but was refused at {when - EPOCH:.3f}: {refusal}")
+                    elif replay is None or not replay.justified(device.user, sent.items, refusal.status, sent.at, when):
+                        problems.append(f"(5) {what} was refused at {when - EPOCH:.3f} for no reason: {refusal}")
                 elif (sent.device, sent.client_msg_id) not in self.abandoned:
                     problems.append(f"(5) {sent.device} never got an ack for send {sent.client_msg_id} made at {sent.at - EPOCH:.3f}")
                 continue
-            if ack.status != 0 or ack.conversation != sent.conversation or ack.count != len(sent.items):
+            if sent.conversation is None:
+                fits = ack.conversation.startswith("g:") and ack.seq == 1
+            else:
+                fits = ack.conversation == sent.conversation
+            if ack.status != 0 or not fits or ack.count != len(sent.items):
                 problems.append(f"(5) {sent.device}: ack {ack} does not fit send to {sent.conversation} of {len(sent.items)}")
                 continue
             window = stored.get(ack.conversation, [])[ack.seq - 1 : ack.seq - 1 + ack.count]
@@ -873,10 +1257,6 @@ class World:
                 else:
                     acked[(m.conversation, m.seq)] = m
         # Every stored message comes from a send, and every send is stored at most once.
-        sizes = {(s.device, s.client_msg_id): len(s.items) for s in self.sent}
-        copies = Counter(
-            (f"{m.sender}/{m.sender_device}", m.client_msg_id) for messages in stored.values() for m in messages
-        )
         for (label, cmid), count in sorted(copies.items()):
             if label == "?" or (label, cmid) not in sizes:
                 problems.append(f"(6) the store holds messages from {label} {cmid}, which nobody sent")
@@ -888,9 +1268,9 @@ class World:
             for number, app in enumerate(device.apps):
                 final = number == len(device.apps) - 1
                 who = device.label if len(device.apps) == 1 else f"{device.label} (run {number + 1})"
-                problems.extend(self._check_run(who, device.user, app, final, stored, members, acked, by_server_id))
+                problems.extend(self._check_run(who, device.user, app, final, stored, replays, acked, by_server_id))
                 seen.update((m.conversation, m.seq) for m in app.messages())
-            lost = sorted(key for key in acked if key not in seen and device.user in members[key[0]])
+            lost = sorted(key for key in acked if key not in seen and replays[key[0]].is_owed(device.user, key[1]))
             if lost:
                 problems.append(f"(1) {device.label} never got acknowledged messages {lost}")
         problems.extend(f"server: {f}" for f in self.server_failures)
@@ -903,11 +1283,11 @@ class World:
         app: AppLog,
         final: bool,
         stored: dict[str, list[Message]],
-        members: dict[str, tuple[str, ...]],
+        replays: dict[str, Replay],
         acked: dict[tuple[str, int], Message],
         by_server_id: dict[int, Message],
     ) -> list[str]:
-        """Checks 2, 3, 4 and 6 for one run of one device's application."""
+        """Checks 1 (history said to be unavailable), 2, 3, 4 and 6 for one run of one device's application."""
         problems = list(app.problems)
         for code, reason in app.login_rejections:
             if code == 10:  # AUTH_FAILED: the password is right, so this is a bug
@@ -918,10 +1298,13 @@ class World:
             if by_server_id.get(m.server_id) != m:
                 problems.append(f"(6) {who} got {m}, stored as {by_server_id.get(m.server_id)}")
         for conversation, messages in stored.items():
+            replay = replays[conversation]
             mine = got.pop(conversation, [])
-            if user not in members[conversation]:
-                if mine:
-                    problems.append(f"{who} got messages of {conversation}, not its conversation")
+            foreign = [m.seq for m in mine if not replay.may_read(user, m.seq)]
+            if foreign:
+                problems.append(f"(3) {who} got {conversation} seqs {foreign}, which {user} may not read")
+                continue
+            if not replay.readable.get(user):
                 continue
             start = app.starts.get(conversation, 0)
             seqs = [m.seq for m in mine]
@@ -929,7 +1312,21 @@ class World:
             if twice:
                 problems.append(f"(2) {who} got {conversation} seqs {twice} more than once")
                 continue
-            expected = messages[start:] if final else messages[start : start + len(mine)]
+            # Of an earlier membership (see Replay.owed), a gap-free first part; then the latest.
+            earlier = [m for m in messages if m.seq > start and replay.may_read(user, m.seq) and not replay.is_owed(user, m.seq)]
+            prefix = 0
+            while prefix < len(mine) and not replay.is_owed(user, mine[prefix].seq):
+                prefix += 1
+            if mine[:prefix] != earlier[:prefix]:
+                problems.append(
+                    f"(3) {who} got {conversation} seqs {seqs[:prefix]} of an earlier membership, not {[m.seq for m in earlier[:prefix]]}"
+                )
+                continue
+            mine = mine[prefix:]
+            seqs = seqs[prefix:]
+            expected = [m for m in messages if m.seq > start and replay.is_owed(user, m.seq)]
+            if not final:
+                expected = expected[: len(mine)]
             missing = sorted({m.seq for m in expected} - set(seqs))
             lost = [seq for seq in missing if (conversation, seq) in acked]
             if lost:
@@ -940,6 +1337,11 @@ class World:
                 problems.append(f"(3) {who} got {conversation} as seqs {seqs}, not {[m.seq for m in expected]}")
         for conversation in got:
             problems.append(f"{who} got messages of {conversation}, which the store does not have")
+        for event in app.skipped:
+            replay = replays.get(event.conversation)
+            hidden = [seq for seq in range(event.after + 1, event.upto + 1) if replay is not None and replay.is_owed(user, seq)]
+            if hidden:
+                problems.append(f"(1) {who} was told {event.conversation} seqs {hidden} are unavailable, but {user} may read them")
         problems.extend(self._split_bundles(who, app, stored))
         return problems
 

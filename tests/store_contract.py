@@ -21,7 +21,7 @@ from zope.interface.verify import verifyObject
 from imkit import operations
 from imkit.model import Appended, Item, Message, Submission, direct_conversation, direct_members
 from imkit.rules import Group, Membership, Policy, Refused
-from imkit.store.interface import IStore, UnknownUser, UserExists
+from imkit.store.interface import Flag, IStore, ItemFlag, UnknownMessage, UnknownUser, UserExists
 from imkit.wire import schema
 from imkit.wire.errors import ErrorCode
 
@@ -1034,3 +1034,103 @@ class StoreContract:
         self.assertEqual(await store.prune(T0 + 200 * SECOND, None), {group: 8})
         self.assertEqual(await store.prune(T0 + 3601 * SECOND, None), {AB: 4})
         self.assertEqual(await self.seqs(AB), [5])
+
+    # Content flags -----------------------------------------------------------------------------
+
+    async def test_append_with_flags_marks_its_messages(self) -> None:
+        """Flags name items; each marks the message its item became, in the same append."""
+        await self.send(AB, "before")
+        flagged = await self.store.append(
+            self.sub(AB, "fine", "see evil.example", sender="bob"),
+            Policy(),
+            [ItemFlag(1, "phishing", "links to evil.example"), ItemFlag(1, "words", "rude"), ItemFlag(0, "words", "odd")],
+        )
+        self.assertFalse(flagged.duplicate)
+        self.assertEqual([m.seq for m in flagged.messages], [2, 3])
+        self.assertEqual(await self.seqs(AB), [1, 2, 3], "a flagged message is stored like any other")
+        first, second = flagged.messages
+        self.assertEqual(
+            await self.store.flags(),
+            [
+                Flag(second.server_id, AB, 3, "bob", "phishing", "links to evil.example"),
+                Flag(second.server_id, AB, 3, "bob", "words", "rude"),
+                Flag(first.server_id, AB, 2, "bob", "words", "odd"),
+            ],
+        )
+        self.assertEqual(await self.store.flags(AC), [])
+        self.assertEqual(len(await self.store.flags(AB, limit=2)), 2)
+        self.assertEqual(await self.store.flags(limit=0), [])
+        # Plain tuples do as well as ItemFlags.
+        other = await self.store.append(self.sub(AC, "x"), Policy(), [(0, "words", "rude")])
+        self.assertEqual(await self.store.flags(AC), [Flag(other.messages[0].server_id, AC, 1, "alice", "words", "rude")])
+        self.assertEqual((await self.store.flags(limit=1))[0].conversation, AC, "newest message first")
+
+    async def test_a_flagged_resend_adds_no_flags(self) -> None:
+        original = await self.store.append(self.sub(AB, "x", client_msg_id=5), Policy(), [ItemFlag(0, "a", "first")])
+        again = await self.store.append(self.sub(AB, "x", client_msg_id=5), Policy(), [ItemFlag(0, "b", "second")])
+        self.assertTrue(again.duplicate)
+        self.assertEqual(again.messages, original.messages)
+        self.assertEqual([f.checker for f in await self.store.flags()], ["a"])
+
+    async def test_a_refused_or_invalid_flagged_append_writes_nothing(self) -> None:
+        group = await self.new_group(("bob",))
+        with self.assertRaises(Refused):
+            await self.store.append(self.sub(group, "hi", sender="carol"), Policy(), [ItemFlag(0, "words", "rude")])
+        for flags in ([ItemFlag(1, "words", "no such item")], [ItemFlag(-1, "w", "")], [(0, "", "no checker")], [(0, "w", None)], ["junk"]):
+            with self.assertRaises(ValueError):
+                await self.store.append(self.sub(AB, "hi"), Policy(), flags)
+        self.assertEqual(await self.store.flags(), [])
+        self.assertEqual(await self.store.head(AB), 0)
+        self.assertEqual(await self.store.head(group), 1)
+
+    async def test_flagged_and_plain_appends_interleave(self) -> None:
+        """Issued together, flagged and plain appends are numbered in issue order, ids unique."""
+        calls = []
+        for n in range(12):
+            flags = [ItemFlag(0, "every-third", f"#{n}")] if n % 3 == 1 else []
+            calls.append(self.store.append(self.sub(AB if n % 2 else AC, f"m{n}"), Policy(), flags))
+        results = await defer.gatherResults(calls)
+        self.assertEqual([m.seq for r in results[1::2] for m in r.messages], list(range(1, 7)))
+        self.assertEqual([m.seq for r in results[0::2] for m in r.messages], list(range(1, 7)))
+        ids = [r.messages[0].server_id for r in results]
+        self.assertEqual(sorted(ids), ids)
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertEqual(
+            [(f.server_id, f.reason) for f in await self.store.flags()],
+            [(results[n].messages[0].server_id, f"#{n}") for n in (10, 7, 4, 1)],
+        )
+        later = await self.send(AB, "after")
+        self.assertEqual(later.messages[0].seq, 7)
+        self.assertGreater(later.messages[0].server_id, max(ids))
+
+    async def test_flag_a_stored_message(self) -> None:
+        appended = await self.send(AB, "one", "two", sender="bob")
+        second = appended.messages[1]
+        flag = await self.store.flag(second.server_id, "moderator", "reported by alice")
+        self.assertEqual(flag, Flag(second.server_id, AB, 2, "bob", "moderator", "reported by alice"))
+        self.assertEqual(await self.store.flags(AB), [flag])
+        # The same checker again replaces its reason; another checker adds its own.
+        replaced = await self.store.flag(second.server_id, "moderator", "confirmed")
+        other = await self.store.flag(second.server_id, "abuse-desk", "seen")
+        self.assertEqual(await self.store.flags(AB), [other, replaced])
+        for server_id in (second.server_id + 100, 0, -1, 2**64):
+            with self.assertRaises(UnknownMessage):
+                await self.store.flag(server_id, "moderator", "x")
+        with self.assertRaises(ValueError):
+            await self.store.flag(second.server_id, "", "x")
+        self.assertEqual(len(await self.store.flags()), 2)
+
+    async def test_flags_survive_reopen_and_go_with_pruned_messages(self) -> None:
+        old = await self.store.append(self.sub(AB, "old", sent_at=T0), Policy(), [ItemFlag(0, "w", "old")])
+        new = await self.store.append(self.sub(AB, "new", sent_at=T0 + 100 * SECOND), Policy(), [ItemFlag(0, "w", "new")])
+        await self.store.append(self.sub(AC, "kept", sent_at=T0), Policy(), [ItemFlag(0, "w", "kept")])
+        await self.store.append(self.sub(AC, operations.retention(3600), sent_at=T0))
+        before = await self.store.flags()
+        self.assertEqual(len(before), 3)
+        store = await self.restart()
+        self.assertEqual(await store.flags(), before)
+        self.assertEqual(await store.prune(T0 + 120 * SECOND, 60), {AB: 1})
+        self.assertEqual([f.reason for f in await store.flags()], ["kept", "new"])
+        with self.assertRaises(UnknownMessage):
+            await store.flag(old.messages[0].server_id, "w", "gone")
+        self.assertEqual((await store.flag(new.messages[0].server_id, "w", "again")).reason, "again")

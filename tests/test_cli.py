@@ -1,6 +1,7 @@
 """
 The imkit command line: one-line usage errors, the user commands on a real SQLite store, where a
-new password comes from, and how send and listen print what the client library tells them.
+new password comes from, how send and listen print what the client library tells them, and the
+contact and group commands (with send --group and listen) against a real server.
 """
 
 from __future__ import annotations
@@ -58,15 +59,38 @@ class UsageErrorTests(ScratchDirectory, SynchronousTestCase):
         return lines[0]
 
     def test_no_command(self) -> None:
-        self.assertEqual(self.usage_error(), "imkit: name a command: user, send or listen (see imkit --help)")
-        self.assertEqual(self.usage_error("user"), "imkit user: name a command: add or list (see imkit user --help)")
+        self.assertEqual(self.usage_error(), "imkit: name a command: user, contact, group, send or listen (see imkit --help)")
+        self.assertEqual(self.usage_error("user"), "imkit user: name a command: add, passwd, revoke or list (see imkit user --help)")
+        self.assertEqual(
+            self.usage_error("contact"), "imkit contact: name a command: add, remove, block, unblock or list (see imkit contact --help)"
+        )
+        self.assertEqual(
+            self.usage_error("group"), "imkit group: name a command: create, add, remove, leave, members or list (see imkit group --help)"
+        )
 
     def test_unknown_option(self) -> None:
         self.assertIn("--frobnicate", self.usage_error("listen", "--frobnicate"))
 
     def test_send_needs_exactly_one_target(self) -> None:
-        self.assertIn("--to --conversation is required", self.usage_error("send", "hi"))
+        self.assertIn("--to --conversation --group is required", self.usage_error("send", "hi"))
         self.assertIn("not allowed with", self.usage_error("send", "--to", "bob", "--conversation", "c", "hi"))
+        self.assertIn("argument --group: not allowed with argument --to", self.usage_error("send", "--to", "bob", "--group", "g:x", "hi"))
+
+    def test_group_ids_and_user_names(self) -> None:
+        """Group ids start with g:, user names are valid ones, and each command has its arguments."""
+        self.assertEqual(
+            self.usage_error("group", "members", "dm:alice:bob"),
+            "imkit group members: argument GROUP: 'dm:alice:bob' is not a group id: group ids start with g:; "
+            "imkit group list shows yours (see imkit group members --help)",
+        )
+        self.assertIn("'lunch' is not a group id", self.usage_error("send", "--group", "lunch", "hi"))
+        self.assertIn("'a b' is not a user name", self.usage_error("contact", "add", "a b"))
+        self.assertIn("'x:y' is not a user name", self.usage_error("group", "create", "lunch", "--member", "x:y"))
+        self.assertIn("the following arguments are required: NAME", self.usage_error("group", "add", "g:abc"))
+        self.assertIn("the following arguments are required: NAME", self.usage_error("contact", "block"))
+        self.assertIn("unrecognized arguments: bob", self.usage_error("group", "leave", "g:abc", "bob"))
+        self.assertIn("'-5' is not a positive number of seconds", self.usage_error("contact", "list", "--timeout", "-5"))
+        self.assertEqual(self.usage_error("group", "list"), "imkit group list: no user name: pass --user NAME or set IMKIT_USER")
 
     def test_numbers_must_be_positive(self) -> None:
         self.assertIn("'0' is not a positive number", self.usage_error("listen", "--count", "0"))
@@ -298,7 +322,7 @@ class MainProcessTests(ScratchDirectory, SynchronousTestCase):
 
     def test_examples_show_their_help(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
-        for example in ("echo_bot.py", "two_bots.py"):
+        for example in ("echo_bot.py", "two_bots.py", "group_bot.py"):
             shown = subprocess.run(
                 [sys.executable, os.path.join(ROOT, "examples", example), "--help"],
                 capture_output=True, text=True, cwd=self.scratch(), env=env, timeout=120,
@@ -344,6 +368,10 @@ class Lines:
         waiting, self.waiting = self.waiting, None
         assert waiting is not None
         waiting.callback(lines)
+
+
+TEXT = {"kind": "message", "sender_device": "laptop", "content_type": "text/plain; charset=utf-8"}
+"""What listen prints for a message of test_client_protocol besides the original keys."""
 
 
 class SendAndListenTests(SynchronousTestCase):
@@ -450,8 +478,8 @@ class SendAndListenTests(SynchronousTestCase):
         self.assertEqual(
             self.printed(),
             [
-                {"conversation": "dm:alice:bob", "seq": 1, "id": 1001, "sender": "bob", "body": "\ufffd", "sent_at": 1700000000001},
-                {"conversation": "dm:alice:bob", "seq": 2, "id": 1002, "sender": "alice", "body": "müde", "sent_at": 1700000000002},
+                {"conversation": "dm:alice:bob", "seq": 1, "id": 1001, "sender": "bob", "body": "\ufffd", "sent_at": 1700000000001, **TEXT},
+                {"conversation": "dm:alice:bob", "seq": 2, "id": 1002, "sender": "alice", "body": "müde", "sent_at": 1700000000002, **TEXT},
             ],
         )
         self.assertEqual(self.reactor.getDelayedCalls(), [])
@@ -484,3 +512,248 @@ class SendAndListenTests(SynchronousTestCase):
         link.push()
         self.close_links()
         self.failureResultOf(done, LoginFailed)
+
+
+# contact, group, send --group and listen against a real server ------------------------------------
+
+PASSWORDS = Passwords.fast_for_tests()
+
+
+class ServerCommandTests(TestCase):
+    """
+    The commands run as ``main`` runs them (``_run``: exit status and one-line errors), minus the
+    process exit, in this process against a real server: the twistd plugin's service over TLS on
+    loopback, with a memory store.
+    """
+
+    timeout = 60
+    policy = "open"
+
+    def setUp(self) -> defer.Deferred:
+        return defer.ensureDeferred(self.start_server())
+
+    async def start_server(self) -> None:
+        from twisted.internet import reactor
+
+        from imkit.server import tap
+
+        options = tap.Options()
+        options.parseOptions(["--listen", "tls:0:interface=127.0.0.1", "--store", "memory:", "--policy", self.policy])
+        service = tap.makeService(options, reactor=reactor, passwords=PASSWORDS)
+        service.startService()
+        self.addCleanup(service.stopService)
+        (listening,) = await service.whenListening()
+        self.port = listening.getHost().port
+        for name in ("alice", "bob", "carol", "dave"):
+            await service.store.add_user(name, await PASSWORDS.hash(f"{name}-pw"))
+
+    async def imkit(self, *argv: str, user: str = "alice", password: str | None = None) -> tuple[int, str, str]:
+        """``imkit ARGV`` as ``user``: (exit status, standard output, standard error)."""
+        from twisted.internet import reactor
+
+        args = cli._build_parser().parse_args(
+            [*argv, "--server", f"localhost:{self.port}", "--user", user, "--password", password or f"{user}-pw"]
+        )
+        job = args.prepare(args)
+        out, err = io.StringIO(), io.StringIO()
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        try:
+            await cli._run(reactor, job, args.prog)
+            status = 0
+        except SystemExit as exit:
+            status = exit.code
+        finally:
+            sys.stdout, sys.stderr = saved
+        return status, out.getvalue(), err.getvalue()
+
+    async def ok(self, *argv: str, user: str = "alice") -> list[Any]:
+        """Run a command that must succeed: exit 0, nothing on standard error; its JSON lines."""
+        status, out, err = await self.imkit(*argv, user=user)
+        self.assertEqual((status, err), (0, ""), argv)
+        return [json.loads(line) for line in out.splitlines()]
+
+    async def fails(self, *argv: str, user: str = "alice", password: str | None = None) -> str:
+        """Run a command that must fail: exit 1, exactly one line on standard error (returned)."""
+        status, out, err = await self.imkit(*argv, user=user, password=password)
+        self.assertEqual(status, 1, (argv, out, err))
+        lines = err.splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertNotIn("Traceback", lines[0])
+        return lines[0]
+
+    async def heard(self, user: str, count: int) -> list[dict[str, Any]]:
+        """What ``imkit listen --count COUNT`` prints for ``user`` (from the start: a new device)."""
+        return await self.ok("listen", "--count", str(count), user=user)
+
+
+class ContactCommandTests(ServerCommandTests):
+    policy = "contacts"
+
+    @defer.inlineCallbacks
+    def test_contacts(self) -> Any:
+        """Under --policy contacts: add each other, block and unblock, list, remove with a goodbye."""
+        line = yield defer.ensureDeferred(self.fails("send", "--to", "bob", "hi"))
+        self.assertEqual(
+            line,
+            "imkit send: send refused (NOT_ALLOWED): you and 'bob' are not each other's contacts; "
+            "neither of you may block the other, and with --policy contacts both must imkit contact add the other",
+        )
+        added = yield defer.ensureDeferred(self.ok("contact", "add", "bob"))
+        self.assertEqual([(r["conversation"], r["seq"]) for r in added], [("dm:alice:bob", 1)])
+        self.assertIsInstance(added[0]["id"], int)
+        yield defer.ensureDeferred(self.ok("contact", "add", "alice", user="bob"))
+        sent = yield defer.ensureDeferred(self.ok("send", "--to", "bob", "hi"))
+        self.assertEqual(sent[0]["seq"], 3)
+        yield defer.ensureDeferred(self.ok("contact", "block", "carol"))
+        listed = yield defer.ensureDeferred(self.ok("contact", "list"))
+        self.assertEqual(listed, [{"user": "bob", "state": "contact"}, {"user": "carol", "state": "blocked"}])
+        yield defer.ensureDeferred(self.ok("contact", "unblock", "carol"))
+        removed = yield defer.ensureDeferred(self.ok("contact", "remove", "bob", "--goodbye", "bye now"))
+        self.assertEqual([(r["conversation"], r["seq"]) for r in removed], [("dm:alice:bob", 4)])
+        self.assertEqual((yield defer.ensureDeferred(self.ok("contact", "list"))), [])
+        heard = yield defer.ensureDeferred(self.heard("bob", 5))
+        self.assertEqual(
+            [(e["seq"], e["kind"], e["sender"], e.get("body")) for e in heard],
+            [(1, "contact.add", "alice", None), (2, "contact.add", "bob", None), (3, "message", "alice", "hi"),
+             (4, "message", "alice", "bye now"), (5, "contact.remove", "alice", None)],
+        )
+        self.assertEqual(heard[4]["sender_device"], "cli-contact")
+
+    @defer.inlineCallbacks
+    def test_refusals(self) -> Any:
+        yield defer.ensureDeferred(self.ok("contact", "block", "alice", user="carol"))
+        self.assertEqual(
+            (yield defer.ensureDeferred(self.fails("contact", "add", "carol"))),
+            "imkit contact add: refused (NOT_ALLOWED): you and 'carol' are not each other's contacts; "
+            "neither of you may block the other, and with --policy contacts both must imkit contact add the other",
+        )
+        for command in ("remove", "unblock"):
+            self.assertEqual(
+                (yield defer.ensureDeferred(self.fails("contact", command, "zed"))),
+                f"imkit contact {command}: refused (UNKNOWN_RECIPIENT): no user named 'zed'; check the user name",
+            )
+        self.assertEqual(
+            (yield defer.ensureDeferred(self.fails("contact", "block", "alice"))),
+            "imkit contact block: refused (INVALID_OPERATION): you cannot be your own contact",
+        )
+        self.assertEqual(
+            (yield defer.ensureDeferred(self.fails("contact", "list", password="wrong"))),
+            "imkit contact list: login refused (AUTH_FAILED): wrong user name or password",
+        )
+
+    @defer.inlineCallbacks
+    def test_no_server(self) -> Any:
+        """Nothing listening: the login is given up after --timeout, with a hint."""
+        import socket
+
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            self.port = unused.getsockname()[1]
+        line = yield defer.ensureDeferred(self.fails("contact", "list", "--timeout", "0.2"))
+        self.assertEqual(line, "imkit contact list: could not log in within 0.2 seconds; is the server running, and is --server right?")
+
+
+class GroupCommandTests(ServerCommandTests):
+    @defer.inlineCallbacks
+    def test_group_life(self) -> Any:
+        """create, send --group, add, members, list, remove, leave; a member's listen shows the events."""
+        (created,) = yield defer.ensureDeferred(self.ok("group", "create", "lunch", "--member", "bob"))
+        group = created["group"]
+        self.assertTrue(group.startswith("g:"), group)
+        sent = yield defer.ensureDeferred(self.ok("send", "--group", group, "noon?"))
+        self.assertEqual([(r["conversation"], r["seq"]) for r in sent], [(group, 2)])
+        added = yield defer.ensureDeferred(self.ok("group", "add", group, "carol", "dave", user="bob"))
+        self.assertEqual([(r["conversation"], r["seq"]) for r in added], [(group, 3)])
+        members = yield defer.ensureDeferred(self.ok("group", "members", group, user="carol"))
+        self.assertEqual(
+            members,
+            [
+                {"user": "alice", "role": "owner", "joined_seq": 1},
+                {"user": "bob", "role": "member", "joined_seq": 1},
+                {"user": "carol", "role": "member", "joined_seq": 3},
+                {"user": "dave", "role": "member", "joined_seq": 3},
+            ],
+        )
+        listed = yield defer.ensureDeferred(self.ok("group", "list"))
+        self.assertEqual(listed, [{"conversation": group, "title": "lunch", "head": 3, "role": "owner"}])
+        yield defer.ensureDeferred(self.ok("group", "remove", group, "bob"))
+        left = yield defer.ensureDeferred(self.ok("group", "leave", group, user="carol"))
+        self.assertEqual(left[0]["seq"], 5)
+        self.assertEqual([m["user"] for m in (yield defer.ensureDeferred(self.ok("group", "members", group)))], ["alice", "dave"])
+        self.assertEqual((yield defer.ensureDeferred(self.ok("group", "list", user="bob"))), [])
+        heard = yield defer.ensureDeferred(self.heard("bob", 4))
+        for event in heard:
+            del event["id"], event["sent_at"]
+        self.assertEqual(
+            heard,
+            [
+                {"kind": "group.create", "conversation": group, "seq": 1, "sender": "alice", "sender_device": "cli-group",
+                 "users": ["bob"], "title": "lunch"},
+                {"kind": "message", "conversation": group, "seq": 2, "sender": "alice", "sender_device": "cli-send",
+                 "content_type": "text/plain; charset=utf-8", "body": "noon?"},
+                {"kind": "group.add", "conversation": group, "seq": 3, "sender": "bob", "sender_device": "cli-group",
+                 "users": ["carol", "dave"]},
+                {"kind": "group.remove", "conversation": group, "seq": 4, "sender": "alice", "sender_device": "cli-group",
+                 "users": ["bob"]},
+            ],
+        )
+
+    @defer.inlineCallbacks
+    def test_refusals(self) -> Any:
+        (created,) = yield defer.ensureDeferred(self.ok("group", "create", "lunch", "--member", "bob"))
+        group = created["group"]
+        not_a_member = "refused (NOT_A_MEMBER): you are not a member of that {}; check the group or conversation id: imkit group list shows the groups you are in"
+        self.assertEqual(
+            (yield defer.ensureDeferred(self.fails("group", "create", "tea", "--member", "zed"))),
+            "imkit group create: refused (UNKNOWN_RECIPIENT): no user named 'zed'; check the user name",
+        )
+        self.assertEqual(
+            (yield defer.ensureDeferred(self.fails("group", "add", group, "dave", user="carol"))),
+            "imkit group add: " + not_a_member.format("conversation"),
+        )
+        self.assertEqual(
+            (yield defer.ensureDeferred(self.fails("group", "remove", group, "alice", user="bob"))),
+            "imkit group remove: refused (INVALID_OPERATION): only the group's owner removes members; "
+            "imkit group members GROUP shows who is in the group and who owns it",
+        )
+        self.assertEqual(
+            (yield defer.ensureDeferred(self.fails("group", "leave", "g:nosuchgroup"))),
+            "imkit group leave: " + not_a_member.format("conversation"),
+        )
+        self.assertEqual(
+            (yield defer.ensureDeferred(self.fails("group", "members", group, user="carol"))),
+            "imkit group members: " + not_a_member.format("group"),
+        )
+        self.assertEqual(
+            (yield defer.ensureDeferred(self.fails("send", "--group", group, "hi", user="carol"))),
+            "imkit send: send " + not_a_member.format("conversation"),
+        )
+        self.assertEqual(
+            (yield defer.ensureDeferred(self.fails("group", "list", password="wrong"))),
+            "imkit group list: login refused (AUTH_FAILED): wrong user name or password",
+        )
+
+    @defer.inlineCallbacks
+    def test_console_script(self) -> Any:
+        """The real entry point in a child process: JSON on success and exit 0, one line and exit 1 on a refusal."""
+        from twisted.internet import reactor, utils
+
+        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), IMKIT_USER="alice", IMKIT_PASSWORD="alice-pw")
+        server = ("--server", f"localhost:{self.port}")
+
+        def imkit(*argv: str) -> defer.Deferred:
+            return utils.getProcessOutputAndValue(
+                sys.executable, ["-c", "from imkit.cli import main; main()", *argv, *server], env=env, reactor=reactor
+            )
+
+        created, refused = yield defer.gatherResults([imkit("group", "create", "lunch"), imkit("group", "members", "g:nosuchgroup")])
+        out, err, status = created
+        self.assertEqual((status, err), (0, b""))
+        self.assertTrue(json.loads(out)["group"].startswith("g:"))
+        out, err, status = refused
+        self.assertEqual((status, out), (1, b""))
+        self.assertEqual(err.decode().splitlines(), [
+            "imkit group members: refused (NOT_A_MEMBER): you are not a member of that group; "
+            "check the group or conversation id: imkit group list shows the groups you are in"
+        ])

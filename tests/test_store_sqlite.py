@@ -29,6 +29,7 @@ from imkit.store import (
     sqlite as sqlite_module,
     store_from_string,
 )
+from imkit.store.interface import Flag, ItemFlag
 from imkit.wire import schema
 from imkit.wire.errors import ErrorCode
 from store_contract import AB, AC, CAST, CONTACTS, T0, StoreContract, add_cast, submission
@@ -62,6 +63,8 @@ V2_SCHEMA = (
     " PRIMARY KEY (user, device)) WITHOUT ROWID",
 )
 V1_SCHEMA = tuple(statement for statement in V2_SCHEMA if not statement.startswith("CREATE TABLE tokens"))
+# Version 3 is version 2 and its migration (a new version 3 file has the same tables: tested below).
+V3_SCHEMA = V2_SCHEMA + sqlite_module._MIGRATIONS[2]
 
 
 def schema_of(path: str) -> dict[str, Any]:
@@ -321,7 +324,7 @@ class SQLiteStoreTests(TemporaryDirectory, unittest.TestCase):
         connection.close()
 
     async def test_version_2_database_is_upgraded(self) -> None:
-        """Conversations, members and messages written by version 2 carry on under version 3."""
+        """Conversations, members and messages written by version 2 carry on under version 3 (and since)."""
         self.version_2_database()
         store = await self.opened()
         # Everything there was is still there.
@@ -362,9 +365,55 @@ class SQLiteStoreTests(TemporaryDirectory, unittest.TestCase):
         self.assertEqual(raised.exception.code, ErrorCode.INVALID_TARGET)
         await store.close()
         connection = sqlite3.connect(self.database())
-        self.assertEqual(connection.execute("PRAGMA user_version").fetchone()[0], 3)
+        self.assertEqual(connection.execute("PRAGMA user_version").fetchone()[0], sqlite_module.SCHEMA_VERSION)
         connection.close()
         self.assertEqual(schema_of(self.database()), self.new_schema())
+
+    def version_3_database(self) -> None:
+        """A database as imkit's schema version 3 wrote it (before content flags), with messages."""
+        connection = sqlite3.connect(self.database())
+        for statement in V3_SCHEMA:
+            connection.execute(statement)
+        connection.executemany("INSERT INTO users (name, password_hash) VALUES (?, ?)", [("alice", "ha"), ("bob", "hb")])
+        connection.execute("INSERT INTO conversations (id, head_seq) VALUES (?, 2)", (AB,))
+        connection.executemany("INSERT INTO members (conversation, user) VALUES (?, ?)", [(AB, "alice"), (AB, "bob")])
+        connection.executemany(
+            "INSERT INTO messages (conversation, seq, sender, sender_device, client_msg_id, sent_at,"
+            " content_type, body, bundle_remaining) VALUES (?, ?, ?, 'phone', ?, ?, 'text/plain', ?, 0)",
+            [(AB, 1, "alice", 1, T0, b"see evil.example"), (AB, 2, "bob", 1, T0 + 1000, b"two")],
+        )
+        connection.executemany(
+            "INSERT INTO dedupe (sender, sender_device, client_msg_id, conversation, first_seq, count)"
+            " VALUES (?, 'phone', 1, ?, ?, 1)",
+            [("alice", AB, 1), ("bob", AB, 2)],
+        )
+        connection.execute("PRAGMA user_version = 3")
+        connection.commit()
+        connection.close()
+
+    async def test_version_3_database_is_upgraded(self) -> None:
+        """A version 3 file gains the flags table: its old messages can be flagged, new ones flagged as stored."""
+        self.version_3_database()
+        store = await self.opened()
+        self.assertEqual([m.body for m in await store.read(AB, 0, 10)], [b"see evil.example", b"two"])
+        self.assertEqual(await store.flags(), [])
+        old = await store.flag(1, "phishing", "links to evil.example")
+        self.assertEqual(old, Flag(1, AB, 1, "alice", "phishing", "links to evil.example"))
+        appended = await store.append(submission(2, AB), Policy(), [ItemFlag(0, "words", "rude")])
+        self.assertEqual(appended.messages[0].seq, 3)
+        self.assertEqual(
+            await store.flags(AB),
+            [Flag(appended.messages[0].server_id, AB, 3, "alice", "words", "rude"), old],
+        )
+        resent = await store.append(submission(1, AB, sender="bob"))
+        self.assertTrue(resent.duplicate)
+        await store.close()
+        connection = sqlite3.connect(self.database())
+        self.assertEqual(connection.execute("PRAGMA user_version").fetchone()[0], 4)
+        connection.close()
+        self.assertEqual(schema_of(self.database()), self.new_schema())
+        reopened = await self.opened()
+        self.assertEqual(len(await reopened.flags()), 2)
 
     async def test_a_failed_migration_changes_nothing(self) -> None:
         self.version_2_database()

@@ -48,6 +48,9 @@ class PluginTests(SynchronousTestCase):
             "--login-timeout", "--ack-timeout", "--max-unacked", "--max-frame", "--max-body", "--extension",
             "--policy", "--history-on-join", "--recall-window", "--edit-window", "--max-group-members",
             "--max-devices", "--device-policy", "--new-device-history", "--retention", "--prune-interval",
+            "--handshake-timeout", "--max-outbound-buffer", "--max-connections-per-ip", "--max-connections-per-user",
+            "--send-rate", "--send-burst", "--sync-rate", "--sync-burst", "--lookup-rate", "--lookup-burst",
+            "--user-rate-factor", "--ip-rate-factor", "--conversation-rate-factor", "--probe-burst", "--probe-interval",
         ):
             self.assertIn(option, text)
 

@@ -1,4 +1,4 @@
-"""Real loopback TLS tests for imkit.tls.
+"""Real loopback TLS tests for imkit.tls (the sslyze profile checks are in test_tls_profiles.py).
 
 Every test listens on 127.0.0.1 port 0, waits until both ends of each
 connection are closed and stops listening, so nothing outlives the test.
@@ -9,15 +9,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import (
     SSL4ServerEndpoint,
     TCP4ClientEndpoint,
@@ -30,14 +32,18 @@ from twisted.internet.interfaces import (
     IOpenSSLContextFactory,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
 import imkit
 from imkit.tls import (
+    ServerTLS,
     TLSConfigError,
+    TLSReloader,
     client_tls_options,
     default_cert_paths,
+    key_exchange_groups,
     server_tls_options,
 )
 
@@ -122,6 +128,18 @@ class RawClient:
 
     def clientConnectionForTLS(self, tlsProtocol):
         return SSL.Connection(self.context, None)
+
+    @staticmethod
+    def can_set_groups() -> bool:
+        from OpenSSL._util import lib
+
+        return hasattr(lib, "SSL_CTX_set1_curves_list")
+
+    def set_groups(self, groups: bytes) -> None:
+        """Offer only these key-exchange groups (pyOpenSSL has no public call for it)."""
+        from OpenSSL._util import lib
+
+        assert lib.SSL_CTX_set1_curves_list(self.context._context, groups) == 1, groups
 
     def offered_tls12_ciphers(self) -> list[str]:
         ciphers = SSL.Connection(self.context, None).get_cipher_list()
@@ -314,6 +332,29 @@ class LoopbackTLSTests(TempDirTestCase):
         self.assertRefused(client, server)
 
     @defer.inlineCallbacks
+    def test_key_exchange_groups(self):
+        """X25519, P-256 and P-384 only (Mozilla's list): OpenSSL 3 would also take X448 and P-521.
+
+        TLS 1.3, where the key-exchange group is independent of the certificate (in TLS 1.2 a
+        client's group list also limits which ECDSA certificate curves it accepts).  Where
+        pyOpenSSL cannot set the list, the server offers P-256 alone (key_exchange_groups()).
+        """
+        offered = key_exchange_groups()
+        self.assertIn("P-256", offered)
+        self.assertLessEqual(set(offered), {"X25519", "P-256", "P-384"})
+        if not RawClient.can_set_groups():
+            raise unittest.SkipTest("this pyOpenSSL cannot restrict a client's groups either")
+        for group in ("X25519", "P-256", "P-384", "X448", "P-521"):
+            client_creator = RawClient(min_version=SSL.TLS1_3_VERSION)
+            client_creator.set_groups(group.encode("ascii"))
+            client, server = yield self.connect(server_tls_options(CERT, KEY), client_creator)
+            if group in offered:
+                self.assertEqual(client.received, PAYLOAD, group)
+            else:
+                self.assertRefused(client, server)
+                self.assertIn("no suitable key share", server.failure.getErrorMessage())
+
+    @defer.inlineCallbacks
     def test_full_chain_in_cert_file(self):
         """A cert file holding leaf + chain (a "fullchain.pem") is accepted."""
         fullchain = self.mktemp()
@@ -368,6 +409,9 @@ class ServerContextTests(TempDirTestCase):
 
     def test_no_session_resumption(self):
         self.assertTrue(self.protocol_options() & SSL.OP_NO_TICKET)
+
+    def test_no_client_renegotiation(self):
+        self.assertTrue(self.protocol_options() & SSL.OP_NO_RENEGOTIATION)
 
 
 class ConfigErrorTests(TempDirTestCase):
@@ -480,3 +524,219 @@ class DefaultCertPathsTests(TempDirTestCase):
         ca, cert, key = default_cert_paths()
         server_tls_options(cert, key)
         client_tls_options("localhost", ca)
+
+
+@implementer(IHandshakeListener)
+class HeldClient(Protocol):
+    """A client that stays connected: records the certificate it was shown, echoes on demand."""
+
+    def __init__(self) -> None:
+        self.handshake: defer.Deferred = defer.Deferred()
+        self.echoed: defer.Deferred | None = None
+        self.received = b""
+        self.lost: defer.Deferred = defer.Deferred()
+        self.failure = None
+
+    def handshakeCompleted(self) -> None:
+        cert = self.transport.getHandle().get_peer_certificate(as_cryptography=True)
+        self.handshake.callback(cert)
+
+    def ping(self, data: bytes) -> defer.Deferred:
+        self.received = b""
+        self.echoed = defer.Deferred()
+        self.transport.write(data)
+        return self.echoed
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.echoed is not None:
+            self.echoed, echoed = None, self.echoed
+            echoed.callback(self.received)
+
+    def connectionLost(self, reason) -> None:
+        self.failure = reason
+        if not self.handshake.called:
+            self.handshake.errback(reason)
+        self.lost.callback(None)
+
+
+class EchoFactory(Factory):
+    def __init__(self) -> None:
+        self.peers: list[Peer] = []
+
+    def buildProtocol(self, addr):
+        peer = Peer(echo=True)
+        self.peers.append(peer)
+        return peer
+
+
+class ReloadTests(TempDirTestCase):
+    """ServerTLS.reload over real loopback TLS: new connections see the new certificate."""
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.cert = os.path.join(self.dir, "server.pem")
+        self.key = os.path.join(self.dir, "server.key")
+        self.install(CERT, KEY)
+        self.other = generate_other_certs(self.mktemp())
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def install(self, cert: str, key: str) -> None:
+        """Replace the served files the way deployment tools do: write aside, then rename."""
+        for source, target in ((cert, self.cert), (key, self.key)):
+            self.replace(target, Path(source).read_bytes())
+
+    def replace(self, target: str, data: bytes) -> None:
+        Path(target + ".new").write_bytes(data)
+        os.replace(target + ".new", target)
+
+    @defer.inlineCallbacks
+    def listen(self, tls: ServerTLS):
+        factory = EchoFactory()
+        port = yield SSL4ServerEndpoint(reactor, 0, tls, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        self.port = port.getHost().port
+        return factory
+
+    @defer.inlineCallbacks
+    def connect(self, ca: str):
+        """Connect a client trusting C{ca}; return it and the certificate it saw (or the failure)."""
+        client = HeldClient()
+        endpoint = wrapClientTLS(
+            client_tls_options("localhost", ca), TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+        )
+        yield connectProtocol(endpoint, client)
+        try:
+            cert = yield client.handshake
+        except Exception:
+            cert = None
+        if cert is not None:
+            self.addCleanup(lambda: (client.transport.loseConnection(), client.lost)[1])
+        return client, cert
+
+    def serial(self, path: str) -> int:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes()).serial_number
+
+    def errors(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e.get("log_level") == LogLevel.error]
+
+    @defer.inlineCallbacks
+    def test_new_connections_get_the_new_certificate_old_ones_go_on(self):
+        tls = ServerTLS(self.cert, self.key)
+        yield self.listen(tls)
+        old_client, seen = yield self.connect(CA)
+        self.assertEqual(seen.serial_number, self.serial(CERT))
+
+        self.install(self.other["server.pem"], self.other["server.key"])
+        self.assertTrue(tls.reload())
+
+        new_client, seen = yield self.connect(self.other["ca.pem"])
+        self.assertEqual(seen.serial_number, self.serial(self.other["server.pem"]))
+        # The connection made before the reload still works, on the old certificate.
+        echoed = yield old_client.ping(b"still here")
+        self.assertEqual(echoed, b"still here")
+        # A client trusting only the old CA now meets the new certificate and refuses it.
+        refusing, seen = yield self.connect(CA)
+        self.assertIsNone(seen)
+        yield refusing.lost
+        self.assertIn("certificate verify failed", refusing.failure.getErrorMessage())
+        self.assertEqual(self.errors(), [])
+
+    @defer.inlineCallbacks
+    def test_broken_file_keeps_the_old_certificate(self):
+        tls = ServerTLS(self.cert, self.key)
+        yield self.listen(tls)
+        self.replace(self.cert, b"-----BEGIN CERTIFICATE-----\ntruncated")
+        self.assertFalse(tls.reload())
+        (error,) = self.errors()
+        self.assertNotIn("\n", error)
+        self.assertIn(self.cert, error)
+        self.assertIn("previous certificate", error)
+        _, seen = yield self.connect(CA)
+        self.assertEqual(seen.serial_number, self.serial(CERT))
+
+    @defer.inlineCallbacks
+    def test_certificate_then_key_replaced(self):
+        """Files replaced one at a time: the mismatch in between is refused, the pair is taken."""
+        tls = ServerTLS(self.cert, self.key)
+        yield self.listen(tls)
+        self.replace(self.cert, Path(self.other["server.pem"]).read_bytes())
+        self.assertTrue(tls.reload_if_changed() is False)
+        self.assertIn("does not belong", self.errors()[0])
+        _, seen = yield self.connect(CA)
+        self.assertEqual(seen.serial_number, self.serial(CERT))
+
+        self.replace(self.key, Path(self.other["server.key"]).read_bytes())
+        self.assertTrue(tls.reload_if_changed())
+        _, seen = yield self.connect(self.other["ca.pem"])
+        self.assertEqual(seen.serial_number, self.serial(self.other["server.pem"]))
+
+    def test_reload_if_changed_only_when_changed(self):
+        tls = ServerTLS(self.cert, self.key)
+        self.assertFalse(tls.reload_if_changed())
+        self.install(CERT, KEY)  # same bytes, new files
+        self.assertTrue(tls.reload_if_changed())
+        self.assertFalse(tls.reload_if_changed())
+
+    def test_poll_reloads_changed_files(self):
+        clock = task.Clock()
+        tls = ServerTLS(self.cert, self.key)
+        reloader = TLSReloader(tls, clock, interval=5.0)
+        reloader.startService()
+        self.addCleanup(reloader.stopService)
+        before = tls.options
+        self.install(self.other["server.pem"], self.other["server.key"])
+        clock.advance(4.9)
+        self.assertIs(tls.options, before)
+        clock.advance(0.1)
+        self.assertIsNot(tls.options, before)
+        self.assertEqual(clock.getDelayedCalls()[0].getTime(), 10.0)
+
+    def test_no_poll_with_interval_zero(self):
+        clock = task.Clock()
+        reloader = TLSReloader(ServerTLS(self.cert, self.key), clock, interval=0)
+        reloader.startService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        reloader.stopService()
+
+    def test_sighup_reloads(self):
+        if not hasattr(signal, "SIGHUP"):
+            raise unittest.SkipTest("no SIGHUP on this platform")
+
+        class Reactor(task.Clock):
+            def callFromThread(self, f, *args):
+                f(*args)
+
+        before = signal.getsignal(signal.SIGHUP)
+        tls = ServerTLS(self.cert, self.key)
+        reloader = TLSReloader(tls, Reactor(), interval=0, sighup=True)
+        reloader.startService()
+        try:
+            old = tls.options
+            os.kill(os.getpid(), signal.SIGHUP)
+            self.assertIsNot(tls.options, old)
+        finally:
+            reloader.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), before)
+
+    def test_twistd_service_polls_tls_files(self):
+        from imkit.server import tap
+
+        options = tap.Options()
+        options.parseOptions(
+            ["--listen", "tls:0:interface=127.0.0.1", "--store", "memory:",
+             "--tls-cert", self.cert, "--tls-key", self.key, "--tls-reload", "2.5"]
+        )
+        service = tap.makeService(options, reactor=reactor)
+        reloader = service.getServiceNamed(TLSReloader.name)
+        self.assertEqual(reloader.interval, 2.5)
+        self.assertEqual(reloader.tls.paths, (self.cert, self.key))
+        self.assertFalse(reloader.sighup)
+
+        options = tap.Options()
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--store", "memory:"])
+        service = tap.makeService(options, reactor=reactor)
+        self.assertRaises(KeyError, service.getServiceNamed, TLSReloader.name)

@@ -1,10 +1,11 @@
 """
-The ``imkit`` command: manage users, send messages, listen for them.
+The ``imkit`` command: manage users, contacts and groups, send messages, listen for them.
 
 Usage errors are one line naming the fix, with exit status 2; failures at run time (a refused
-login, a refused or unacknowledged message) are one line with exit status 1.  ``send`` and
-``listen`` print one JSON object per line on standard output, flushed at the end of each reactor turn (so at once, but one write per burst), so scripts
-can read them as a stream.
+login, a refused or unacknowledged message, an operation or query the server refused) are one
+line with exit status 1.  ``send`` and ``listen`` print one JSON object per line on standard
+output, flushed at the end of each reactor turn (so at once, but one write per burst), so scripts
+can read them as a stream; ``contact`` and ``group`` print JSON lines too.
 """
 
 from __future__ import annotations
@@ -31,16 +32,37 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-from imkit.client import ClientSettings, IMClient, IMClientError, LoginFailed, Message, Receipt, SendTimeout
+from imkit.client import (
+    ClientSettings,
+    ErrorCode,
+    IMClient,
+    IMClientError,
+    LoginFailed,
+    Message,
+    QueryFailed,
+    Receipt,
+    SendRejected,
+    SendTimeout,
+    describe,
+)
 from imkit.client.endpoint import development_ca, tls_endpoint
 from imkit.tls import TLSConfigError
 from imkit.wire.schema import DEFAULT_MAX_FRAME
 
+_COMMANDS = {
+    "imkit": "user, contact, group, send or listen",
+    "imkit user": "add, passwd, revoke or list",
+    "imkit contact": "add, remove, block, unblock or list",
+    "imkit group": "create, add, remove, leave, members or list",
+}
+
 DEFAULT_STORE = "sqlite:imkit.sqlite3"
 DEFAULT_SERVER = "localhost:14000"
+GROUP_PREFIX = "g:"
+"""What every group's conversation id starts with (direct conversations are dm:A:B)."""
 MAX_IN_FLIGHT = 1000
-_log = Logger("imkit")
 """Messages ``imkit send`` keeps unacknowledged at most, so a huge input never sits in memory."""
+_log = Logger("imkit")
 
 Job = Callable[[Any], Awaitable[None]]
 
@@ -62,8 +84,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.prepare is None:
-        commands = "add or list" if args.prog == "imkit user" else "user, send or listen"
-        parser.exit(2, f"{args.prog}: name a command: {commands} (see {args.prog} --help)\n")
+        parser.exit(2, f"{args.prog}: name a command: {_COMMANDS[args.prog]} (see {args.prog} --help)\n")
     try:
         job = args.prepare(args)
     except (UsageError, ValueError) as error:
@@ -100,7 +121,7 @@ def _password_source(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="imkit", description="Manage imkit users, send messages and listen for them.")
+    parser = _Parser(prog="imkit", description="Manage imkit users, contacts and groups, send messages and listen for them.")
     parser.set_defaults(prepare=None, prog="imkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log connections and retries on standard error")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -144,6 +165,9 @@ def _build_parser() -> argparse.ArgumentParser:
     connection.add_argument("--user", default=os.environ.get("IMKIT_USER"), help="user name (default $IMKIT_USER)")
     connection.add_argument("--password", default=os.environ.get("IMKIT_PASSWORD"), help="password (default $IMKIT_PASSWORD, which is safer)")
 
+    _add_contact_commands(commands, connection)
+    _add_group_commands(commands, connection)
+
     send = commands.add_parser(
         "send",
         parents=[connection],
@@ -158,11 +182,10 @@ def _build_parser() -> argparse.ArgumentParser:
     target = send.add_mutually_exclusive_group(required=True)
     target.add_argument("--to", metavar="NAME", help="send to this user (their direct conversation with you)")
     target.add_argument("--conversation", metavar="ID", help="send to this conversation")
+    target.add_argument("--group", type=_group_id, metavar="ID", help="send to this group (an id from imkit group list)")
     send.add_argument("text", nargs="?", metavar="TEXT", help="the message (default: read lines from standard input)")
     send.add_argument("--device", default="cli-send", help="device name (default cli-send)")
-    send.add_argument(
-        "--timeout", type=_positive_float, default=30.0, metavar="SECONDS", help="fail if a message is not acknowledged within this long (default 30)"
-    )
+    _timeout(send, "a message is not acknowledged")
 
     listen = commands.add_parser(
         "listen",
@@ -170,8 +193,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="print messages as they arrive",
         description=(
             "Print one JSON line per message of your conversations, in order, each once: "
-            '{"conversation", "seq", "id", "sender", "body", "sent_at"}.  Your own messages are '
-            "printed too (from every device: they are part of the conversation)."
+            '{"kind", "conversation", "seq", "id", "sender", "sender_device", "sent_at", ...}.  '
+            'A message has kind "message", its "content_type" and its "body" as text; the operations '
+            'of contacts and groups have their own kinds ("group.add", "contact.block", ...) and fields '
+            '("users", "title", "target", "seconds").  Your own messages are printed too (from every '
+            "device: they are part of the conversation)."
         ),
     )
     listen.set_defaults(prepare=_prepare_listen, prog="imkit listen")
@@ -186,6 +212,116 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     listen.add_argument("--device", default="cli-listen", help="device name (default cli-listen)")
     return parser
+
+
+_RECEIPT_OUTPUT = 'Prints the server\'s receipt as a JSON line: {"id": SERVER_ID, "conversation": ID, "seq": N}.'
+
+
+def _add_contact_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
+    contact = commands.add_parser(
+        "contact", help="add, remove, block and list contacts",
+        description="Manage your contacts (with twistd imkit --policy contacts, only mutual contacts exchange messages).",
+    )
+    contact.set_defaults(prepare=None, prog="imkit contact")
+    contact_commands = contact.add_subparsers(title="contact commands", metavar="CONTACT_COMMAND")
+
+    def command(name: str, help: str, description: str, prepare: Callable[[argparse.Namespace], Job]) -> argparse.ArgumentParser:
+        sub = contact_commands.add_parser(name, parents=[connection], help=help, description=description)
+        sub.set_defaults(prepare=prepare, prog=f"imkit contact {name}")
+        sub.add_argument("--device", default="cli-contact", help="device name (default cli-contact)")
+        _timeout(sub, "the server does not answer")
+        return sub
+
+    user_help = "the other user"
+    add = command("add", "add a contact", f"Make NAME one of your contacts.  {_RECEIPT_OUTPUT}", _prepare_contact_add)
+    add.add_argument("name", metavar="NAME", type=_user_name, help=user_help)
+    remove = command(
+        "remove", "remove a contact",
+        f"Remove NAME from your contacts; with --goodbye, a last message and the removal go as one bundle "
+        f"(NAME gets both or neither).  {_RECEIPT_OUTPUT}",
+        _prepare_contact_remove,
+    )
+    remove.add_argument("name", metavar="NAME", type=_user_name, help=user_help)
+    remove.add_argument("--goodbye", metavar="TEXT", help="a last message to NAME, sent together with the removal")
+    block = command("block", "block a user", f"Block NAME: nothing passes between you until you unblock them.  {_RECEIPT_OUTPUT}", _prepare_contact_block)
+    block.add_argument("name", metavar="NAME", type=_user_name, help=user_help)
+    unblock = command("unblock", "unblock a user", f"Unblock NAME.  {_RECEIPT_OUTPUT}", _prepare_contact_unblock)
+    unblock.add_argument("name", metavar="NAME", type=_user_name, help=user_help)
+    command(
+        "list", "list contacts and blocked users",
+        'Print one JSON line per user you have a relation with, by name: {"user": NAME, "state": "contact" or "blocked"}.',
+        _prepare_contact_list,
+    )
+
+
+def _add_group_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
+    group = commands.add_parser(
+        "group", help="create groups, manage their members, list them",
+        description="Create groups and manage their members; send to a group with imkit send --group ID.",
+    )
+    group.set_defaults(prepare=None, prog="imkit group")
+    group_commands = group.add_subparsers(title="group commands", metavar="GROUP_COMMAND")
+
+    def command(name: str, help: str, description: str, prepare: Callable[[argparse.Namespace], Job]) -> argparse.ArgumentParser:
+        sub = group_commands.add_parser(name, parents=[connection], help=help, description=description)
+        sub.set_defaults(prepare=prepare, prog=f"imkit group {name}")
+        sub.add_argument("--device", default="cli-group", help="device name (default cli-group)")
+        _timeout(sub, "the server does not answer")
+        return sub
+
+    group_help = "the group's id (g:..., see imkit group list)"
+    create = command(
+        "create", "create a group",
+        'Create a group with you as its owner; prints its id as a JSON line: {"group": ID}.',
+        _prepare_group_create,
+    )
+    create.add_argument("title", metavar="TITLE", help="the group's title")
+    create.add_argument(
+        "--member", action="append", default=[], type=_user_name, metavar="NAME", help="a member besides you (repeat for more)"
+    )
+    add = command("add", "add members", f"Add users to a group you are a member of.  {_RECEIPT_OUTPUT}", _prepare_group_add)
+    add.add_argument("group", metavar="GROUP", type=_group_id, help=group_help)
+    add.add_argument("names", nargs="+", metavar="NAME", type=_user_name, help="a user to add")
+    remove = command(
+        "remove", "remove members", f"Remove members from a group you own.  {_RECEIPT_OUTPUT}", _prepare_group_remove
+    )
+    remove.add_argument("group", metavar="GROUP", type=_group_id, help=group_help)
+    remove.add_argument("names", nargs="+", metavar="NAME", type=_user_name, help="a member to remove")
+    leave = command(
+        "leave", "leave a group",
+        f"Leave a group (if you own it, its longest-standing member becomes the owner).  {_RECEIPT_OUTPUT}",
+        _prepare_group_leave,
+    )
+    leave.add_argument("group", metavar="GROUP", type=_group_id, help=group_help)
+    members = command(
+        "members", "list a group's members",
+        'Print one JSON line per member of the group: {"user": NAME, "role": "owner" or "member", "joined_seq": N}.',
+        _prepare_group_members,
+    )
+    members.add_argument("group", metavar="GROUP", type=_group_id, help=group_help)
+    command(
+        "list", "list your groups",
+        'Print one JSON line per group you are in: {"conversation": ID, "title": TITLE, "head": LAST_SEQ, "role": ROLE}.',
+        _prepare_group_list,
+    )
+
+
+def _timeout(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--timeout", type=_positive_float, default=30.0, metavar="SECONDS", help=f"fail if {what} within this long (default 30)"
+    )
+
+
+def _user_name(text: str) -> str:
+    if not _valid_user_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a user name: use 1-64 characters without ':' or whitespace")
+    return text
+
+
+def _group_id(text: str) -> str:
+    if not text.startswith(GROUP_PREFIX) or len(text) == len(GROUP_PREFIX):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a group id: group ids start with {GROUP_PREFIX}; imkit group list shows yours")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -340,7 +476,7 @@ class _opened:
         await self.store.close()
 
 
-# imkit send and imkit listen -------------------------------------------------------------------
+# imkit send ------------------------------------------------------------------------------------
 
 
 def _client(args: argparse.Namespace, settings: ClientSettings = ClientSettings(), state_path: str | None = None) -> IMClient:
@@ -367,7 +503,10 @@ def _prepare_send(args: argparse.Namespace) -> Job:
             source = _OneLine(text.encode("utf-8", "surrogateescape"))
         else:
             source = LineReader(reactor, sys.stdin.fileno())
-        await send_all(reactor, client, source, to=args.to, conversation=args.conversation, out=sys.stdout)
+        try:
+            await send_all(reactor, client, source, to=args.to, conversation=args.conversation or args.group, out=sys.stdout)
+        except SendRejected as error:
+            raise CommandFailed(_with_fix(str(error), error.code)) from None
 
     return send
 
@@ -577,6 +716,155 @@ class _Outcome:
             self.receipt = result
 
 
+# imkit contact and imkit group -----------------------------------------------------------------
+
+
+_FIXES = {
+    ErrorCode.UNKNOWN_RECIPIENT: "check the user name",
+    ErrorCode.NOT_A_MEMBER: "check the group or conversation id: imkit group list shows the groups you are in",
+    ErrorCode.NOT_ALLOWED: "neither of you may block the other, and with --policy contacts both must imkit contact add the other",
+    ErrorCode.INVALID_TARGET: "check the conversation id: imkit group list shows your groups",
+}
+
+
+def _with_fix(text: str, code: ErrorCode | int, fixes: dict[Any, str] = {}) -> str:
+    """``text`` and what to do about a refusal with ``code``, unless the server's reason says so already."""
+    fix = fixes.get(code) or _FIXES.get(code)
+    return f"{text}; {fix}" if fix and "; " not in text else text
+
+
+def _refused(error: SendRejected | QueryFailed, fixes: dict[Any, str] = {}) -> CommandFailed:
+    """A one-line failure for a refusal: the code, the server's reason, and what to do about it."""
+    name = error.code.name if isinstance(error.code, ErrorCode) else str(error.code)
+    return CommandFailed(_with_fix(f"refused ({name}): {error.reason}", error.code, fixes))
+
+
+_REMOVAL_FIXES = {ErrorCode.INVALID_OPERATION: "imkit group members GROUP shows who is in the group and who owns it"}
+
+
+def _one_shot(args: argparse.Namespace, work: Callable[[IMClient], Awaitable[None]], fixes: dict[Any, str] = {}) -> Job:
+    """
+    A job that logs in (failing after --timeout seconds without a login), runs ``work`` with the
+    client, and stops the client; refusals become one-line CommandFailed errors.
+    """
+    client = _client(args, ClientSettings(send_timeout=args.timeout))
+
+    async def job(reactor: Any) -> None:
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", client.stopService)
+        client.startService()
+        try:
+            login = client.loggedIn()
+            login.addTimeout(args.timeout, reactor)
+            try:
+                await login
+            except defer.TimeoutError:
+                raise CommandFailed(
+                    f"could not log in within {args.timeout:g} seconds; is the server running, and is --server right?"
+                ) from None
+            try:
+                await work(client)
+            except (SendRejected, QueryFailed) as error:
+                raise _refused(error, fixes) from None
+        finally:
+            sys.stdout.flush()
+            reactor.removeSystemEventTrigger(trigger)
+            await client.stopService()
+
+    return job
+
+
+def _print_json(value: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(value) + "\n")
+
+
+def _print_receipt(receipt: Receipt) -> None:
+    _print_json({"id": receipt.server_id, "conversation": receipt.conversation, "seq": receipt.seq})
+
+
+def _prepare_contact_add(args: argparse.Namespace) -> Job:
+    async def work(client: IMClient) -> None:
+        _print_receipt(await client.add_contact(args.name))
+
+    return _one_shot(args, work)
+
+
+def _prepare_contact_remove(args: argparse.Namespace) -> Job:
+    async def work(client: IMClient) -> None:
+        goodbye = None if args.goodbye is None else args.goodbye.encode("utf-8", "surrogateescape")
+        _print_receipt(await client.remove_contact(args.name, goodbye=goodbye))
+
+    return _one_shot(args, work)
+
+
+def _prepare_contact_block(args: argparse.Namespace) -> Job:
+    async def work(client: IMClient) -> None:
+        _print_receipt(await client.block(args.name))
+
+    return _one_shot(args, work)
+
+
+def _prepare_contact_unblock(args: argparse.Namespace) -> Job:
+    async def work(client: IMClient) -> None:
+        _print_receipt(await client.unblock(args.name))
+
+    return _one_shot(args, work)
+
+
+def _prepare_contact_list(args: argparse.Namespace) -> Job:
+    async def work(client: IMClient) -> None:
+        for user, state in sorted((await client.contacts()).items()):
+            _print_json({"user": user, "state": state})
+
+    return _one_shot(args, work)
+
+
+def _prepare_group_create(args: argparse.Namespace) -> Job:
+    async def work(client: IMClient) -> None:
+        _print_json({"group": await client.create_group(args.title, args.member)})
+
+    return _one_shot(args, work)
+
+
+def _prepare_group_add(args: argparse.Namespace) -> Job:
+    async def work(client: IMClient) -> None:
+        _print_receipt(await client.add_members(args.group, args.names))
+
+    return _one_shot(args, work)
+
+
+def _prepare_group_remove(args: argparse.Namespace) -> Job:
+    async def work(client: IMClient) -> None:
+        _print_receipt(await client.remove_members(args.group, args.names))
+
+    return _one_shot(args, work, _REMOVAL_FIXES)
+
+
+def _prepare_group_leave(args: argparse.Namespace) -> Job:
+    async def work(client: IMClient) -> None:
+        _print_receipt(await client.leave_group(args.group))
+
+    return _one_shot(args, work)
+
+
+def _prepare_group_members(args: argparse.Namespace) -> Job:
+    async def work(client: IMClient) -> None:
+        for member in await client.members(args.group):
+            _print_json({"user": member.user, "role": member.role, "joined_seq": member.joined_seq})
+
+    return _one_shot(args, work)
+
+
+def _prepare_group_list(args: argparse.Namespace) -> Job:
+    async def work(client: IMClient) -> None:
+        for group in await client.groups():
+            _print_json({"conversation": group.conversation, "title": group.title, "head": group.head, "role": group.role})
+
+    return _one_shot(args, work)
+
+
+# imkit listen ----------------------------------------------------------------------------------
+
+
 def _prepare_listen(args: argparse.Namespace) -> Job:
     client = _client(args, state_path=args.state)
 
@@ -587,16 +875,12 @@ def _prepare_listen(args: argparse.Namespace) -> Job:
 
 
 def message_json(message: Message) -> str:
-    return json.dumps(
-        {
-            "conversation": message.conversation,
-            "seq": message.seq,
-            "id": message.server_id,
-            "sender": message.sender,
-            "body": message.body.decode("utf-8", errors="replace"),
-            "sent_at": message.sent_at,
-        }
-    )
+    """
+    One line of ``imkit listen``: ``describe(message).to_json()``.  An ordinary message has kind
+    "message" and keeps the keys scripts read (conversation, seq, id, sender, body as text,
+    sent_at); an operation has its own kind and fields (users, title, target, seconds).
+    """
+    return json.dumps(describe(message).to_json())
 
 
 async def listen_until(reactor: Any, client: IMClient, out: Any, *, count: int | None = None, idle_exit: float | None = None) -> None:

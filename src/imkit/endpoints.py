@@ -167,7 +167,8 @@ def server_endpoint(
     """Build the server endpoint a listen string describes.
 
     For C{tls:} strings the result is an L{SSL4ServerEndpoint} using the TLS
-    options from C{tls_options_factory()}.  The factory is called only for
+    options from C{tls_options_factory()} (an L{imkit.tls.ServerTLS} lets a
+    running listener pick up a replaced certificate).  The factory is called only for
     C{tls:} strings, and then right away, so that certificate problems
     (L{imkit.tls.TLSConfigError}) surface at start-up rather than at
     C{listen()}; other strings never load imkit's certificates.

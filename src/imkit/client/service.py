@@ -72,7 +72,9 @@ RECONNECT_MAX = 60.0
 RECONNECT_JITTER = 0.5
 """Each delay is stretched by up to this fraction, so clients dropped together do not return together."""
 
-TRANSIENT_LOGIN_CODES = frozenset({ErrorCode.IDLE_TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL_ERROR})
+TRANSIENT_LOGIN_CODES = frozenset(
+    {ErrorCode.IDLE_TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL_ERROR, ErrorCode.TOO_MANY_CONNECTIONS, ErrorCode.RATE_LIMITED}
+)
 """Login refusals that say "not now" rather than "not you": the client tries again later."""
 
 
@@ -106,6 +108,8 @@ class IMClient(Service):
     ``state_path`` names a file where the positions the application has taken are kept across
     restarts; without it, the server's per-device cursors decide where a restarted client resumes
     (and messages handed to the application just before a crash may be skipped).
+    ``password`` None logs in with the TLS client certificate of ``endpoint`` instead
+    (``tls_endpoint(..., client_cert=, client_key=)``; the certificate's common name must be ``user``).
     """
 
     log = Logger()
@@ -114,7 +118,7 @@ class IMClient(Service):
         self,
         endpoint: IStreamClientEndpoint,
         user: str,
-        password: str,
+        password: str | None,
         device: str = "default",
         *,
         settings: ClientSettings = ClientSettings(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import weakref
 from collections import deque
 from typing import Any, Iterable
 
@@ -21,8 +22,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from imkit.checks import Rejected, SubmissionCheck
+from imkit.content.pipeline import ContentPipeline
 from imkit.model import Appended, Item, Message, Submission, direct_conversation, direct_members
 from imkit.rules import Policy, Refused, is_group
+from imkit.server.limits import Limits
 from imkit.server.requests import Requests
 from imkit.session import events
 from imkit.session.server import CLOSED, READY, ServerConnection
@@ -61,16 +64,22 @@ class Hub:
         self.clock = clock
         self.settings = settings
         self.checks: list[SubmissionCheck] = []
+        self.content = ContentPipeline(clock)
+        """Content checkers (``imkit.content``), run after ``checks``; flagged messages are reported to ``content.on_flagged``."""
         self._online: dict[str, dict[ServerConnection, None]] = {}
         """user -> their logged-in connections, oldest first."""
         self._routes: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
         """(sender, recipient) -> their direct conversation and its members, once the recipient is known."""
         self._dummy_hash: str | None = None
+        self.certificate_users: weakref.WeakKeyDictionary[ServerConnection, str] = weakref.WeakKeyDictionary()
+        """connection -> the user its verified TLS client certificate names (set by the protocol)."""
         self._in_order: dict[tuple[str, str], deque] = {}
         """(user, device) -> its sends waiting behind a slow check, oldest first."""
         self._fan_outs: deque[_FanOut] = deque()
         self._fan_out_call: Any = None
         self.stopping = False
+        self.limits = Limits(settings, clock)
+        """Rate limits, the anti-crawler rule and connections per user (``imkit.server.limits``)."""
         self.requests = Requests(self)
         self.ephemeral = self.requests
 
@@ -80,6 +89,7 @@ class Hub:
         return tuple(self._online.get(user, ()))
 
     def connection_lost(self, conn: ServerConnection) -> None:
+        self.limits.connection_lost(conn)
         if conn.user is not None:
             devices = self._online.get(conn.user)
             if devices is not None and conn in devices:
@@ -93,6 +103,7 @@ class Hub:
     def shutdown(self, reason: str = "server is shutting down") -> None:
         """Say goodbye to every connection (unacknowledged sends will be resent elsewhere)."""
         self.stopping = True
+        self.limits.stop()
         for devices in list(self._online.values()):
             for conn in list(devices):
                 conn.close(ErrorCode.SHUTTING_DOWN, reason)
@@ -106,9 +117,13 @@ class Hub:
             elif kind is events.DeliveryAcked:
                 self._record_cursor(conn, event.conversation, event.seq)
             elif kind is events.SyncRequested:
-                self._later(conn, self._sync(conn, event.packet))
+                self.limits.sync_requested(conn, event.packet, self._start_sync)
             elif kind is events.LoginRequested:
-                self._later(conn, self._login(conn, event))
+                refusal = self.limits.login_requested(conn, event.user, event.device)
+                if refusal is None:
+                    self._later(conn, self._login(conn, event))
+                else:
+                    conn.reject_login(ErrorCode.TOO_MANY_CONNECTIONS, refusal)
             elif kind is events.RequestReceived:
                 self._later(conn, self.requests.handle(conn, event.packet))
             elif kind is events.WindowOpened:
@@ -134,7 +149,7 @@ class Hub:
     # Login -------------------------------------------------------------------------------------
 
     async def _login(self, conn: ServerConnection, request: events.LoginRequested) -> None:
-        if request.method not in (schema.LOGIN_PASSWORD, schema.LOGIN_TOKEN):
+        if request.method not in (schema.LOGIN_PASSWORD, schema.LOGIN_TOKEN, schema.LOGIN_CERTIFICATE):
             conn.reject_login(ErrorCode.AUTH_FAILED, "unknown login method")
             return
         if not valid_name(request.user) or not valid_name(request.device):
@@ -142,12 +157,16 @@ class Hub:
             return
         if request.method == schema.LOGIN_TOKEN:
             ok = await self._token_valid(request)
+        elif request.method == schema.LOGIN_CERTIFICATE:
+            ok = await self._certificate_valid(conn, request)
         else:
             ok = await self._password_valid(request)
         if not ok:
             self.log.warn("failed login for {user!r} from {peer}", user=request.user, peer=conn.peer)
             if request.method == schema.LOGIN_TOKEN:
                 conn.reject_login(ErrorCode.AUTH_FAILED, "resume token unknown or expired; log in with the password")
+            elif request.method == schema.LOGIN_CERTIFICATE:
+                conn.reject_login(ErrorCode.AUTH_FAILED, "no verified client certificate for this user")
             else:
                 conn.reject_login(ErrorCode.AUTH_FAILED, "wrong user name or password")
             return
@@ -215,6 +234,12 @@ class Hub:
         user, device, expires_at = owner
         return user == request.user and device == request.device and expires_at > self.clock.seconds() * 1000
 
+    async def _certificate_valid(self, conn: ServerConnection, request: events.LoginRequested) -> bool:
+        """The connection's verified TLS client certificate names this user, who has an account."""
+        if self.certificate_users.get(conn) != request.user:
+            return False
+        return await self.store.password_hash(request.user) is not None
+
     async def _rehash(self, user: str, password: str) -> None:
         await self.store.set_password_hash(user, await self.passwords.hash(password))
 
@@ -246,6 +271,7 @@ class Hub:
             if route is None:
                 target = packet.target
                 if not valid_name(target):
+                    self.limits.missed(conn, target, "user")
                     self._refuse(conn, packet.client_msg_id, ErrorCode.UNKNOWN_RECIPIENT, f"no user named {target!r}")
                     return
                 route = (direct_conversation(sender, target), _pair(sender, target))
@@ -258,6 +284,7 @@ class Hub:
             pair = direct_members(conversation)
             if pair is not None:
                 if sender not in pair:
+                    self.limits.missed(conn, conversation)
                     self._refuse(conn, packet.client_msg_id, ErrorCode.NOT_A_MEMBER, "you are not a member of that conversation")
                     return
                 members = _pair(*pair)
@@ -281,12 +308,18 @@ class Hub:
         else:
             self._refuse(conn, packet.client_msg_id, ErrorCode.INVALID_TARGET, f"unknown target type {target_type}")
             return
+        limited = self.limits.send(conn, packet.client_msg_id, conversation)
+        if limited is not None:
+            # Not stored, not failed: sent again from retry_at (server time, ms), waiting_for first.
+            retry_at, waiting_for = limited
+            conn.ack(packets.SendAck(packet.client_msg_id, int(ErrorCode.RATE_LIMITED), waiting_for, 0, retry_at, 0, "", "rate limited"))
+            return
         submission = Submission(
             sender, conn.device, packet.client_msg_id, conversation, members, int(self.clock.seconds() * 1000), items  # type: ignore[arg-type]
         )
         key = (sender, conn.device)
         waiting = self._in_order.get(key)
-        if waiting is None and not self.checks:
+        if waiting is None and not self.checks and not self.content:
             self._append(conn, submission)
             return
         # Checks may take a while: this device's later sends wait behind them, so the store still
@@ -303,11 +336,11 @@ class Hub:
             while waiting:
                 conn, submission = waiting[0]
                 try:
-                    await self._run_checks(submission)
+                    flags = await self._run_checks(submission)
                 except Rejected as error:
                     self._refuse(conn, submission.client_msg_id, error.code, error.reason)
                 else:
-                    self._append(conn, submission)
+                    self._append(conn, submission, flags)
                 waiting.popleft()
         finally:
             if self._in_order.get(key) is waiting:
@@ -328,16 +361,35 @@ class Hub:
     def _refuse(self, conn: ServerConnection, cmid: int, code: ErrorCode, reason: str) -> None:
         conn.ack(packets.SendAck(cmid, int(code), 0, 0, 0, 0, "", reason))
 
-    def _append(self, conn: ServerConnection, submission: Submission) -> None:
-        d = self.store.append(submission, self.policy)
+    def _append(self, conn: ServerConnection, submission: Submission, flags: tuple = ()) -> None:
+        if flags:
+            # Stored with their marks in one transaction, then reported.
+            d = self.store.append(submission, self.policy, flags)
+            d.addCallback(self.content.stored, submission, flags)
+        else:
+            d = self.store.append(submission, self.policy)
+        d.addErrback(self._note_refusal, conn, submission)
         d.addCallbacks(self._stored, self._not_stored, (conn,), None, (conn, submission.client_msg_id))
 
-    async def _run_checks(self, submission: Submission) -> None:
+    async def _run_checks(self, submission: Submission) -> tuple:
+        """Raise Rejected, or return the content pipeline's flags for the store."""
         for item in submission.items:
             for check in self.checks:
                 result = check(submission.sender, submission.sender_device, submission.conversation, item)
                 if isinstance(result, defer.Deferred):
                     await result
+        if self.content:
+            return await self.content.check(submission)
+        return ()
+
+    def _start_sync(self, conn: ServerConnection, request: packets.Sync) -> None:
+        self._later(conn, self._sync(conn, request))
+
+    def _note_refusal(self, failure: Any, conn: ServerConnection, submission: Submission) -> Any:
+        """A send refused as to an unknown user or a conversation not theirs counts as a probe."""
+        if failure.check(Refused) and failure.value.code in (ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.NOT_A_MEMBER):
+            self.limits.missed(conn, submission.conversation)
+        return failure
 
     def _not_stored(self, failure: Any, conn: ServerConnection, cmid: int) -> None:
         error = failure.check(Refused, Rejected)
@@ -421,6 +473,7 @@ class Hub:
                     spans[conversation] = span
                 else:
                     self.log.warn("{user} asked to sync {conversation!r}, not theirs", user=user, conversation=conversation)
+                    self.limits.missed(conn, conversation)
             starts = {conversation: given[conversation] for conversation in spans}
         else:
             spans = await store.visible(user)

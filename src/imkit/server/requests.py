@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from imkit.model import direct_members
 from imkit.rules import is_group
+from imkit.server.limits import TokenBucket
 from imkit.session.server import READY, ServerConnection
 from imkit.wire import packets, schema
 from imkit.wire.errors import ErrorCode
@@ -27,27 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
 _MAX_RECEIPT_SEQS = 256
 _BUCKET = 5
 """Typing and presence packets a device may send in a burst before the rate applies."""
-
-
-class TokenBucket:
-    """``capacity`` tokens, one more every ``interval`` seconds: the plain rate limiter."""
-
-    def __init__(self, capacity: int, interval: float, now: float) -> None:
-        self.capacity = capacity
-        self.interval = interval
-        self.tokens = float(capacity)
-        self.updated = now
-
-    def take(self, now: float) -> bool:
-        if self.interval > 0:
-            self.tokens = min(self.capacity, self.tokens + (now - self.updated) / self.interval)
-        else:
-            self.tokens = self.capacity
-        self.updated = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
 
 
 class Requests:
@@ -72,9 +52,17 @@ class Requests:
             if self._allowed(conn):
                 await self._set_presence(conn, packet)
         elif kind is packets.ReceiptsQuery:
-            await self._receipts(conn, packet)
+            retry = self.hub.limits.lookup(conn, packet.conversation)
+            if retry is None:
+                await self._receipts(conn, packet)
+            elif conn.state == READY:
+                conn.send_packet(packets.ReceiptsResult(packet.request_id, int(ErrorCode.RATE_LIMITED), packet.conversation, (), ()))
         elif kind is packets.Query:
-            await self._query(conn, packet)
+            retry = self.hub.limits.lookup(conn, packet.target or None)
+            if retry is None:
+                await self._query(conn, packet)
+            else:
+                self._answer(conn, packet, ErrorCode.RATE_LIMITED, f"too many lookups; ask again from server time {retry} ms")
 
     def device_online(self, conn: ServerConnection) -> None:
         """A device logged in: tell it who is online, and if it is its user's first, tell them."""
@@ -210,6 +198,7 @@ class Requests:
         conversation = query.conversation
         span = await store.visibility(conversation, user)
         if span is None:
+            self.hub.limits.missed(conn, conversation)
             conn.send_packet(packets.ReceiptsResult(query.request_id, int(ErrorCode.NOT_A_MEMBER), conversation, (), ()))
             return
         marks = await store.read_marks(conversation)
@@ -243,6 +232,7 @@ class Requests:
         elif query.what == schema.QUERY_MEMBERS:
             group = await store.group(query.target) if is_group(query.target) else None
             if group is None or user not in group.members:
+                self.hub.limits.missed(conn, query.target)
                 self._answer(conn, query, ErrorCode.NOT_A_MEMBER, "you are not a member of that group")
                 return
             for name in sorted(group.members):

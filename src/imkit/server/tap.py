@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.python import usage
 
+from imkit.content import BlocklistError, BlocklistFile, ContentCheckError, ContentPipeline, PhishingChecker, load_checkers
 from imkit.endpoints import EndpointStringError, server_endpoint
 from imkit.extensions import ExtensionError, Extensions
 from imkit.extensions import load as load_extensions
@@ -20,10 +21,33 @@ from imkit.rules import Policy
 from imkit.server.service import IMServerService
 from imkit.session.settings import ServerSettings
 from imkit.store import StoreStringError, store_from_string
-from imkit.tls import TLSConfigError, default_cert_paths, server_tls_options
+from imkit.tls import ServerTLS, TLSConfigError, TLSReloader, default_cert_paths
 
 DEFAULT_LISTEN = "tls:14000"
 DEFAULT_STORE = "sqlite:imkit.sqlite3"
+
+
+def _seconds_or_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise usage.UsageError(f"--tls-reload takes a number of seconds, not {text!r}") from None
+    if not value >= 0:
+        raise usage.UsageError(f"--tls-reload must be 0 (off) or more, not {text!r}")
+    return value
+
+
+def _at_least_zero(kind: type, name: str) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise usage.UsageError(f"--{name} takes a number, not {text!r}") from None
+        if not value >= 0:
+            raise usage.UsageError(f"--{name} must be 0 (no limit) or more, not {text!r}")
+        return value
+
+    return convert
 
 
 def _positive(kind: type, name: str) -> Any:
@@ -52,6 +76,10 @@ class Options(usage.Options):
         ["tls-cert", None, None, "PEM certificate (chain) for tls: listeners [default: the development certificate]"],
         ["tls-key", None, None, "PEM private key of --tls-cert [default: the development key]"],
         ["tls-profile", None, "intermediate", "intermediate (TLS 1.2 and 1.3) or modern (TLS 1.3 only)"],
+        ["tls-client-ca", None, None, "PEM CA certificate(s): tls: listeners ask clients for a certificate it signed; "
+         "a client presenting one may log in as its common name without a password (mutual TLS)"],
+        ["tls-reload", None, 5.0, "seconds between checks of the TLS certificate, key and client CA files; changed "
+         "files serve new connections (0: never; SIGHUP reloads them too under twistd)", _seconds_or_zero],
         ["store", None, DEFAULT_STORE, "where messages and users live: sqlite:PATH or memory:"],
         ["heartbeat", None, 30.0, "seconds between client pings on an idle connection", _positive(float, "heartbeat")],
         ["idle-timeout", None, 90.0, "close a connection silent for this many seconds", _positive(float, "idle-timeout")],
@@ -71,10 +99,38 @@ class Options(usage.Options):
         ["new-device-history", None, None, "messages per conversation a never-seen device gets on its first sync [default: all]", _positive(int, "new-device-history")],
         ["retention", None, None, "seconds messages are kept, server-wide [default: for ever]; conversations may set their own", _positive(float, "retention")],
         ["prune-interval", None, 3600.0, "seconds between retention passes", _positive(float, "prune-interval")],
+        ["handshake-timeout", None, 10.0, "seconds a new connection has to finish its TLS handshake", _positive(float, "handshake-timeout")],
+        ["max-outbound-buffer", None, 16 * 1024 * 1024, "bytes waiting for a client that does not read fast enough; "
+         "past it the client is disconnected", _positive(int, "max-outbound-buffer")],
+        ["max-connections-per-ip", None, 1000, "open connections from one IP address (0: no limit)", _at_least_zero(int, "max-connections-per-ip")],
+        ["max-connections-per-user", None, 32, "connections logged in or logging in as one user (0: no limit)", _at_least_zero(int, "max-connections-per-user")],
+        ["send-rate", None, 0.0, "messages per second one device may send, sustained; more are answered RATE_LIMITED "
+         "with the time to resend (0: no limit)", _at_least_zero(float, "send-rate")],
+        ["send-burst", None, 100, "messages one device may send in a burst above --send-rate", _positive(int, "send-burst")],
+        ["sync-rate", None, 0.0, "syncs per second one device may ask for; more are answered late (0: no limit)", _at_least_zero(float, "sync-rate")],
+        ["sync-burst", None, 50, "syncs one device may ask for in a burst above --sync-rate", _positive(int, "sync-burst")],
+        ["lookup-rate", None, 0.0, "queries and receipt queries per second one device may ask; more are answered "
+         "RATE_LIMITED (0: no limit)", _at_least_zero(float, "lookup-rate")],
+        ["lookup-burst", None, 50, "lookups one device may make in a burst above --lookup-rate", _positive(int, "lookup-burst")],
+        ["user-rate-factor", None, 3.0, "a user's devices together get this many times a device's rates (0: no per-user limit)",
+         _at_least_zero(float, "user-rate-factor")],
+        ["ip-rate-factor", None, 20.0, "everybody behind one IP address together get this many times a device's rates "
+         "(0: no per-address limit)", _at_least_zero(float, "ip-rate-factor")],
+        ["conversation-rate-factor", None, 10.0, "everybody in one conversation together get this many times a device's "
+         "rates (0: no per-conversation limit)", _at_least_zero(float, "conversation-rate-factor")],
+        ["probe-burst", None, 30, "different users or conversations a user may be refused as unknown or not theirs before "
+         "being throttled as a crawler (0: no anti-crawler rule)", _at_least_zero(int, "probe-burst")],
+        ["probe-interval", None, 10.0, "seconds per further such refusal a throttled user gets", _positive(float, "probe-interval")],
+        ["blocklist", None, None, "phishing blocklist FILE: one domain (with its subdomains) or URL a line, # comments; "
+         "messages linking to them are refused (see --blocklist-action); the file is reloaded when it changes"],
+        ["blocklist-action", None, None, "what a message with a blocked link gets: reject (an error ack, nothing "
+         "stored) or flag (stored, marked and reported) [default: reject]"],
+        ["blocklist-interval", None, 5.0, "seconds between checks of --blocklist for changes", _positive(float, "blocklist-interval")],
     ]
 
     optFlags = [
         ["history-on-join", None, "members added to a group can read what was said before they joined"],
+        ["tls-require-client-cert", None, "with --tls-client-ca: refuse TLS clients without a valid certificate"],
     ]
 
     def parseOptions(self, options: Any = None) -> None:
@@ -90,6 +146,7 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["extensions"] = Extensions()
+        self["content-checks"] = []
 
     def opt_listen(self, description: str) -> None:
         """Listen on ENDPOINT (repeatable): tls:PORT[:interface=ADDR] uses imkit's TLS settings;
@@ -105,6 +162,37 @@ class Options(usage.Options):
         except ExtensionError as error:
             raise usage.UsageError(str(error)) from None
 
+    def opt_content_check(self, reference: str) -> None:
+        """Run the content checker(s) at MODULE:ATTRIBUTE (a callable checker(context, item) or a
+        list of them; repeatable, in order) on every message before it is stored"""
+        try:
+            self["content-checks"].extend(load_checkers(reference))
+        except ContentCheckError as error:
+            raise usage.UsageError(str(error)) from None
+
+    def _content(self) -> None:
+        """The blocklist (read now: a bad file is a one-line error) and the content checkers, in order."""
+        self.blocklist = None
+        checkers = ContentPipeline()
+        action = self["blocklist-action"]
+        if action is not None and action not in ("reject", "flag"):
+            raise usage.UsageError(f"--blocklist-action is reject or flag, not {action!r}")
+        if self["blocklist"] is not None:
+            self.blocklist = BlocklistFile(os.path.abspath(self["blocklist"]), interval=self["blocklist-interval"])
+            try:
+                self.blocklist.load()
+            except BlocklistError as error:
+                raise usage.UsageError(f"--blocklist: {error}") from None
+            checkers.add(PhishingChecker(self.blocklist, action or "reject"))
+        elif action is not None:
+            raise usage.UsageError("--blocklist-action needs --blocklist FILE")
+        try:
+            for checker in self["content-checks"]:
+                checkers.add(checker)
+        except ContentCheckError as error:
+            raise usage.UsageError(f"--content-check: {error}") from None
+        self.content_checkers = checkers.checkers
+
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
@@ -112,6 +200,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--tls-profile is intermediate or modern, not {self['tls-profile']!r}")
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError("pass --tls-cert and --tls-key together (a certificate needs its key)")
+        if self["tls-require-client-cert"] and self["tls-client-ca"] is None:
+            raise usage.UsageError("--tls-require-client-cert needs --tls-client-ca FILE (the CA that signs client certificates)")
+        if self["max-outbound-buffer"] < self["max-frame"]:
+            raise usage.UsageError("--max-outbound-buffer must be at least --max-frame (one frame must fit)")
         if self["max-body"] + 4096 > self["max-frame"] // 2:
             raise usage.UsageError("--max-body must be at most half of --max-frame minus 4096 bytes; raise --max-frame")
         try:
@@ -122,6 +214,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"--policy is open or contacts, not {self['policy']!r}")
         if self["device-policy"] not in ("evict-oldest", "refuse"):
             raise usage.UsageError(f"--device-policy is evict-oldest or refuse, not {self['device-policy']!r}")
+        self._content()
         self.policy = Policy(
             contacts_only=self["policy"] == "contacts",
             history_on_join=bool(self["history-on-join"]),
@@ -151,6 +244,21 @@ class Options(usage.Options):
             new_device_history=self["new-device-history"],
             retention=self["retention"],
             prune_interval=self["prune-interval"],
+            handshake_timeout=self["handshake-timeout"],
+            max_outbound_buffer=self["max-outbound-buffer"],
+            max_connections_per_ip=self["max-connections-per-ip"],
+            max_connections_per_user=self["max-connections-per-user"],
+            send_rate=self["send-rate"],
+            send_burst=self["send-burst"],
+            sync_rate=self["sync-rate"],
+            sync_burst=self["sync-burst"],
+            lookup_rate=self["lookup-rate"],
+            lookup_burst=self["lookup-burst"],
+            user_rate_factor=self["user-rate-factor"],
+            ip_rate_factor=self["ip-rate-factor"],
+            conversation_rate_factor=self["conversation-rate-factor"],
+            probe_burst=self["probe-burst"],
+            probe_interval=self["probe-interval"],
         )
 
 
@@ -163,11 +271,19 @@ def makeService(options: Options, reactor: Any = None, passwords: Passwords | No
     cert = options["tls-cert"] or default_cert
     key = options["tls-key"] or default_key
     modern = options["tls-profile"] == "modern"
-    tls_cache: list[Any] = []
+    tls_cache: list[ServerTLS] = []
 
-    def tls_options() -> Any:
+    def tls_options() -> ServerTLS:
         if not tls_cache:
-            tls_cache.append(server_tls_options(cert, key, modern=modern))
+            tls_cache.append(
+                ServerTLS(
+                    cert,
+                    key,
+                    modern=modern,
+                    client_ca_path=options["tls-client-ca"],
+                    require_client_cert=bool(options["tls-require-client-cert"]),
+                )
+            )
         return tls_cache[0]
 
     try:
@@ -182,4 +298,14 @@ def makeService(options: Options, reactor: Any = None, passwords: Passwords | No
     service.stop_reactor_on_failure = getattr(options, "parent", None) is not None  # run by twistd
     if len(options["extensions"]):
         service.hub.checks.append(options["extensions"].server_check)
+    for name, checker in getattr(options, "content_checkers", ()):
+        service.hub.content.add(checker, name)
+    if getattr(options, "blocklist", None) is not None:
+        options.blocklist.clock = reactor
+        options.blocklist.setServiceParent(service)  # polls the file while the server runs
+    if tls_cache:
+        # Replaced certificate files serve new connections without a restart (SIGHUP: under twistd).
+        under_twistd = getattr(options, "parent", None) is not None
+        reloader = TLSReloader(tls_cache[0], reactor, options["tls-reload"], sighup=under_twistd)
+        reloader.setServiceParent(service)
     return service

@@ -10,7 +10,7 @@ The client library above owns the transport, the Deferreds and the application c
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 import attrs
@@ -60,6 +60,12 @@ class _Pending:
     packet: packets.Send | packets.Bundle
     frame: bytes
     attempts: int = 0
+    live: bool = False
+    """Written on this connection since the last rate-limit pause (else waiting in order)."""
+
+
+_MAX_PAUSE = 3600.0
+"""A RATE_LIMITED answer never pauses the outbox longer than this (whatever the server says)."""
 
 
 class ClientCore:
@@ -70,13 +76,14 @@ class ClientCore:
 
     ``delivered`` is the application's saved per-conversation position (a restarted bot passes
     what it saved); with None the server's per-device cursors decide where new conversations start.
+    ``password`` None logs in with the TLS client certificate instead (``LOGIN_CERTIFICATE``).
     """
 
     def __init__(
         self,
         clock: Any,
         user: str,
-        password: str,
+        password: str | None,
         device: str = "default",
         settings: ClientSettings = ClientSettings(),
         delivered: dict[str, int] | None = None,
@@ -104,6 +111,19 @@ class ClientCore:
         self._request_ids = 0
         self._syncing = False
         self.caught_up = False
+        self._server_offset = 0.0
+        """Server clock minus ours, in seconds, as of the last LoginResult."""
+        self._paused_until: float | None = None
+        """Set by a RATE_LIMITED SendAck: nothing from the outbox is written before then."""
+        self._window: int | None = None
+        """After a RATE_LIMITED pause, sends written but not acknowledged at most (None: no limit);
+        it grows by one per acknowledgement (so doubles per round trip) until the outbox empties."""
+        self._waiting: deque[int] = deque()
+        """While paced or paused, the outbox's sends not yet written, in order."""
+        self._paced: set[int] = set()
+        """Sends written since the pause and not yet answered (at most ``_window``)."""
+        self._head: int | None = None
+        """The send the server waits for first, after a RATE_LIMITED answer."""
 
     # Application API ---------------------------------------------------------------------------
 
@@ -139,7 +159,9 @@ class ClientCore:
         """Stop resending a send (it may already be stored). True if it was still pending."""
         self._expiry.discard(client_msg_id)
         self._timers.discard(("resend", client_msg_id))
-        return self._outbox.pop(client_msg_id, None) is not None
+        pending = self._outbox.pop(client_msg_id, None)
+        self._forget(client_msg_id, pending)
+        return pending is not None
 
     @property
     def unacknowledged(self) -> int:
@@ -159,7 +181,11 @@ class ClientCore:
         if self.settings.send_timeout is not None:
             self._expiry.set(cmid, self.clock.seconds() + self.settings.send_timeout)
         if self.state == READY:
-            self._transmit(cmid, self._outbox[cmid])
+            if self._window is None and self._paused_until is None:
+                self._transmit(cmid, self._outbox[cmid])
+            else:
+                self._waiting.append(cmid)
+                self._pump()
 
     def _frame_limit(self) -> int:
         """The largest frame we may send: ours, and the server's once a HelloOk has told us."""
@@ -175,7 +201,82 @@ class ClientCore:
         delay = min(settings.resend_initial * (2**pending.attempts), settings.resend_max)
         delay *= 1 + settings.resend_jitter * self._rng.random()
         pending.attempts += 1
+        pending.live = True
         self._timers.set(("resend", cmid), self.clock.seconds() + delay)
+
+    # Rate limits -------------------------------------------------------------------------------
+
+    def _rate_limited(self, ack: packets.SendAck) -> None:
+        """
+        The server takes nothing of ours before ``ack.sent_at`` (its clock, ms), and then first
+        the send ``ack.server_id`` (this one or an earlier refused one): pause the outbox until
+        then, and from then on send that one first and every other unsent one after it, in
+        order, a few at a time (one, then one more per acknowledgement).
+        """
+        cmid = ack.client_msg_id
+        outbox = self._outbox
+        head = ack.server_id if ack.server_id in outbox else cmid
+        now = self.clock.seconds()
+        retry = min(max(ack.sent_at / 1000 - self._server_offset, now), now + _MAX_PAUSE)
+        if self._paused_until is None or retry > self._paused_until:
+            self._paused_until = retry
+        self._window = 1
+        self._paced.clear()
+        self._head = head
+        self._timers.set("resume", self._paused_until)
+        refused = outbox[cmid]
+        changed = refused.live or outbox[head].live
+        if refused.live:
+            refused.live = False
+            self._timers.discard(("resend", cmid))
+        if changed or not self._waiting or self._waiting[0] != head:
+            # The head and every send after it wait (earlier ones still wait for their acks,
+            # unless they were refused too: they go after the head).
+            after = False
+            for other, entry in outbox.items():
+                if other == head:
+                    after = True
+                if after and entry.live:
+                    entry.live = False
+                    self._timers.discard(("resend", other))
+            self._waiting = deque([head, *(other for other, entry in outbox.items() if not entry.live and other != head)])
+
+    def _pump(self) -> None:
+        """While paced: write waiting sends, in order, while the window has room."""
+        if self.state != READY or self._paused_until is not None:
+            return
+        waiting = self._waiting
+        outbox = self._outbox
+        window = self._window
+        paced = self._paced
+        while waiting:
+            if window is not None and len(paced) >= window:
+                return
+            cmid = waiting.popleft()
+            pending = outbox.get(cmid)
+            if pending is not None and not pending.live:
+                self._transmit(cmid, pending)
+                if window is not None:
+                    paced.add(cmid)
+        if window is not None and not paced:
+            self._window = None  # all caught up: back to writing sends as they come
+
+    def _resume(self) -> None:
+        self._paused_until = None
+        self._timers.discard("resume")
+        self._pump()
+
+    def _forget(self, cmid: int, pending: _Pending | None) -> None:
+        """A send left the outbox: it no longer waits, nor takes room in the window."""
+        if pending is None:
+            return
+        self._paced.discard(cmid)
+        if cmid == self._head:
+            self._head = None
+        if not pending.live and cmid in self._waiting:
+            self._waiting.remove(cmid)
+        if self._window is not None and not self._paced and not self._waiting and self._paused_until is None:
+            self._window = None
 
     # Connection lifecycle ----------------------------------------------------------------------
 
@@ -196,6 +297,8 @@ class ClientCore:
         self.caught_up = False
         self._out = []
         self.inbound.ack_due.clear()
+        self._waiting.clear()
+        self._paced.clear()
 
     def receive_data(self, data: bytes) -> list[Any]:
         if self.state == DISCONNECTED:
@@ -258,6 +361,9 @@ class ClientCore:
             if self._resume_token:
                 # A reconnect: the token saves the server a password hash check.
                 login = packets.Login(schema.LOGIN_TOKEN, self.user, self.device, self._resume_token)
+            elif self._password is None:
+                # The TLS client certificate is the proof; the server checks it names this user.
+                login = packets.Login(schema.LOGIN_CERTIFICATE, self.user, self.device, b"")
             else:
                 login = packets.Login(schema.LOGIN_PASSWORD, self.user, self.device, self._password.encode("utf-8"))
             self._token_in_use = login.method == schema.LOGIN_TOKEN
@@ -273,7 +379,9 @@ class ClientCore:
                 found.append(events.LoginRejected(packet.status, packet.reason))
                 return
             self._resume_token = packet.resume_token or None
+            self._server_offset = packet.server_time / 1000 - self.clock.seconds()
             self.state = READY
+            paced = self._window is not None or self._paused_until is not None
             found.append(events.LoggedIn(self.user, self.device, packet.server_time))
             for cmid, pending in list(self._outbox.items()):
                 if len(pending.frame) - schema.LENGTH_SIZE > self._frame_limit():
@@ -283,8 +391,22 @@ class ClientCore:
                     self._expiry.discard(cmid)
                     reason = f"message of {len(pending.frame)} bytes is larger than the server's frame limit"
                     found.append(events.SendRejected(cmid, packets.SendAck(cmid, int(ErrorCode.TOO_LARGE), 0, 0, 0, 0, "", reason)))
+                elif paced:
+                    pending.live = False
+                    if cmid != self._head:
+                        self._waiting.append(cmid)
                 else:
                     self._transmit(cmid, pending)
+            if paced:
+                if self._head in self._outbox:
+                    self._waiting.appendleft(self._head)  # what the server waits for goes first
+                if self._paused_until is not None:
+                    if self._paused_until <= self.clock.seconds():
+                        self._resume()
+                    else:
+                        self._timers.set("resume", self._paused_until)
+                else:
+                    self._pump()
             self._syncing = True
             self._request_sync(None)
         elif kind in (schema.ERROR, schema.BYE):
@@ -296,11 +418,19 @@ class ClientCore:
             found.append(events.CloseConnection(f"server closed the session: {packet.reason}"))
 
     def _on_ack(self, ack: packets.SendAck, found: list[Any]) -> None:
+        if ack.status == ErrorCode.RATE_LIMITED:
+            if ack.client_msg_id in self._outbox:
+                self._rate_limited(ack)  # not a failure: it is sent again later
+            return
         pending = self._outbox.pop(ack.client_msg_id, None)
         if pending is None:
             return  # an answer to a resend we no longer wait for
         self._timers.discard(("resend", ack.client_msg_id))
         self._expiry.discard(ack.client_msg_id)
+        self._forget(ack.client_msg_id, pending)
+        if self._window is not None:
+            self._window += 1
+            self._pump()
         if ack.status != 0:
             found.append(events.SendRejected(ack.client_msg_id, ack))
             return
@@ -427,9 +557,13 @@ class ClientCore:
         now = self.clock.seconds()
         found: list[Any] = []
         for cmid in list(self._expiry.pop_due(now)):
-            if self._outbox.pop(cmid, None) is not None:
+            expired = self._outbox.pop(cmid, None)
+            if expired is not None:
                 self._timers.discard(("resend", cmid))
+                self._forget(cmid, expired)
                 found.append(events.SendExpired(cmid))
+        if self._paused_until is not None and now >= self._paused_until:
+            self._resume()  # before any resend, so the paused sends go first and in order
         for key in list(self._timers.pop_due(now)):
             if key == "idle":
                 if self.state != DISCONNECTED:
@@ -439,10 +573,15 @@ class ClientCore:
             elif key == "ping":
                 if self.state == READY:
                     self._write(codec.encode(packets.Ping(int(now * 1000))))
+            elif key == "resume":
+                pass  # done above
             elif key[0] == "resend":
                 pending = self._outbox.get(key[1])
                 if pending is not None and self.state == READY:
-                    self._transmit(key[1], pending)
+                    if self._paused_until is not None:
+                        self._timers.set(key, self._paused_until)  # written once the pause is over
+                    elif pending.live:
+                        self._transmit(key[1], pending)
             elif key[0] == "sync":
                 purpose = self._requests.pop(key[1], "stale")
                 if purpose != "stale" and self.state == READY:

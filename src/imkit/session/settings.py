@@ -45,6 +45,36 @@ class ServerSettings:
     """Up to this many members, receipt answers list every reader, not just counts."""
     typing_interval: float = 1.0
     """A device may send one typing or presence packet per this many seconds; more are dropped."""
+    # Resource and rate limits (imkit.server.limits) --------------------------------------------
+    handshake_timeout: float = 10.0
+    """A TLS connection whose handshake is not done this long after connecting is dropped."""
+    max_outbound_buffer: int = 16 * 1024 * 1024
+    """Bytes one connection may have waiting while its reader does not keep up; past it, dropped."""
+    max_connections_per_ip: int = 1000
+    """Open connections from one IP address (0: no limit); more are refused with TOO_MANY_CONNECTIONS."""
+    max_connections_per_user: int = 32
+    """Connections logged in or logging in as one user (0: no limit); a device logging in again
+    replaces its old connection and does not count twice."""
+    send_rate: float = 0.0
+    """Sends (or bundles) per second one device may make, sustained (0: no rate limits on sends)."""
+    send_burst: int = 100
+    sync_rate: float = 0.0
+    """Syncs per second one device may ask for (0: no limit); more are answered when the rate allows."""
+    sync_burst: int = 50
+    lookup_rate: float = 0.0
+    """Queries and receipt queries per second one device may ask (0: no limit); more get RATE_LIMITED."""
+    lookup_burst: int = 50
+    user_rate_factor: float = 3.0
+    """A user's devices together get this many times a device's rate and burst (0: no per-user limit)."""
+    ip_rate_factor: float = 20.0
+    """Everybody behind one IP address together get this many times a device's (0: no per-address limit)."""
+    conversation_rate_factor: float = 10.0
+    """Everybody in one conversation together get this many times a device's (0: no per-conversation limit)."""
+    probe_burst: int = 30
+    """Different users or conversations a user may be refused as unknown or not theirs before being
+    throttled as a crawler (0: no anti-crawler rule) ..."""
+    probe_interval: float = 10.0
+    """... and then one more every this many seconds."""
 
 
 @attrs.frozen

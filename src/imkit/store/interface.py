@@ -8,6 +8,9 @@ test suite in ``tests/store_contract.py`` is the executable definition of what e
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import attrs
 from zope.interface import Attribute, Interface
 
 
@@ -25,6 +28,31 @@ class UnknownUser(StoreError):
 
 class NotAMember(StoreError):
     """The user is not a member of the conversation it tried to use."""
+
+
+class UnknownMessage(StoreError):
+    """No stored message has the server id given (never stored, or pruned)."""
+
+
+class ItemFlag(NamedTuple):
+    """A content checker's mark on one item of a submission, stored with it by ``append``."""
+
+    index: int
+    """The item's position in the submission."""
+    checker: str
+    reason: str
+
+
+@attrs.frozen
+class Flag:
+    """A stored message marked by a content checker (``imkit.content``): kept, but reported."""
+
+    server_id: int
+    conversation: str
+    seq: int
+    sender: str
+    checker: str
+    reason: str
 
 
 class IStore(Interface):
@@ -54,7 +82,7 @@ class IStore(Interface):
 
     # Messages ----------------------------------------------------------------------------------
 
-    def append(submission, policy):
+    def append(submission, policy, flags=()):
         """
         Judge a Submission by ``imkit.rules.decide`` with ``policy`` (an ``imkit.rules.Policy``)
         and store it atomically and durably with everything the decision changes (relations,
@@ -70,6 +98,11 @@ class IStore(Interface):
         is written and the originally stored messages come back with ``duplicate=True``.
         The Deferred fires only once the write is durable.  It fails with ValueError, writing
         nothing, if the submission has no items or its client_msg_id is not an unsigned 64-bit int.
+
+        ``flags`` (ItemFlags) mark the stored messages of those items, in the same transaction:
+        a refused submission writes none, and a duplicate none again.  A flag whose index is not
+        an item's, or whose checker is not a non-empty str or reason not a str, makes the call
+        fail with ValueError, writing nothing.
         """
 
     def read(conversation, after_seq, limit):
@@ -77,6 +110,19 @@ class IStore(Interface):
         Deferred[list[Message]]: messages of ``conversation`` with seq > after_seq in order, at
         most ``limit`` of them except that a bundle is never cut: if the last one has
         bundle_remaining > 0 the rest of its bundle is included too.
+        """
+
+    def flag(server_id, checker, reason):
+        """
+        Mark a stored message as ``checker`` found it (``reason``), replacing that checker's
+        earlier mark on it.  Deferred[Flag]; fails with UnknownMessage if there is no such message.
+        Marks go with their messages when retention prunes them.
+        """
+
+    def flags(conversation=None, limit=100):
+        """
+        Deferred[list[Flag]]: the marks on stored messages (of ``conversation`` only, if given),
+        newest message first (by server id, then checker), at most ``limit`` of them.
         """
 
     def head(conversation):

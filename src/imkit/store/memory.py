@@ -17,7 +17,7 @@ from zope.interface import implementer
 from imkit import rules
 from imkit.model import Appended, Message, Submission, direct_members
 from imkit.rules import Decision, Policy
-from imkit.store.interface import IStore, UnknownUser, UserExists
+from imkit.store.interface import Flag, IStore, ItemFlag, UnknownMessage, UnknownUser, UserExists
 from imkit.wire import schema
 
 DEFAULT_POLICY = Policy()
@@ -36,6 +36,31 @@ def check_submission(submission: Submission) -> None:
     client_msg_id = submission.client_msg_id
     if not isinstance(client_msg_id, int) or not 0 <= client_msg_id < U64_LIMIT:
         raise ValueError(f"client_msg_id {client_msg_id!r} is not an unsigned 64-bit integer")
+
+
+def check_flags(submission: Submission, flags: Any) -> tuple[ItemFlag, ...]:
+    """
+    The item flags an append was given, as ItemFlags (shared by every backend so they agree).
+
+    Raises ValueError if one names no item of the submission or its checker or reason is not text.
+    """
+    checked = []
+    for entry in flags:
+        try:
+            index, checker, reason = entry
+        except (TypeError, ValueError):
+            raise ValueError(f"a flag is (index, checker, reason), not {entry!r}") from None
+        if not isinstance(index, int) or not 0 <= index < len(submission.items):
+            raise ValueError(f"flag index {index!r} names no item of the submission")
+        check_mark(checker, reason)
+        checked.append(ItemFlag(index, checker, reason))
+    return tuple(checked)
+
+
+def check_mark(checker: Any, reason: Any) -> None:
+    """Raise ValueError unless a flag's checker is a non-empty str and its reason a str."""
+    if not isinstance(checker, str) or not checker or not isinstance(reason, str):
+        raise ValueError(f"a flag's checker is a non-empty str and its reason a str, not {checker!r}, {reason!r}")
 
 
 def _answer(function: Callable[..., Any], *args: Any) -> defer.Deferred:
@@ -94,6 +119,8 @@ class MemoryStore:
         self._cursors: dict[tuple[str, str], dict[str, int]] = {}
         self._next_server_id = 1
         self._tokens: dict[tuple[str, str], tuple[str, int]] = {}
+        self._flags: dict[tuple[int, str], Flag] = {}
+        """(server_id, checker) -> the mark that checker left on that message."""
 
     def open(self) -> defer.Deferred:
         return defer.succeed(None)
@@ -127,8 +154,39 @@ class MemoryStore:
 
     # Messages ----------------------------------------------------------------------------------
 
-    def append(self, submission: Submission, policy: Policy = DEFAULT_POLICY) -> defer.Deferred:
+    def append(self, submission: Submission, policy: Policy = DEFAULT_POLICY, flags: Any = ()) -> defer.Deferred:
+        if flags:
+            return _answer(self._append_flagged, submission, policy, flags)
         return _answer(self._append, submission, policy)
+
+    def _append_flagged(self, submission: Submission, policy: Policy, flags: Any) -> Appended:
+        check_submission(submission)
+        marks = check_flags(submission, flags)
+        appended = self._append(submission, policy)
+        if not appended.duplicate:
+            for index, checker, reason in marks:
+                message = appended.messages[index]
+                self._flags[(message.server_id, checker)] = _flag_of(message, checker, reason)
+        return appended
+
+    def flag(self, server_id: int, checker: str, reason: str) -> defer.Deferred:
+        return _answer(self._flag, server_id, checker, reason)
+
+    def _flag(self, server_id: int, checker: str, reason: str) -> Flag:
+        check_mark(checker, reason)
+        for stored in self._messages.values():
+            for message in stored:
+                if message.server_id == server_id:
+                    found = self._flags[(server_id, checker)] = _flag_of(message, checker, reason)
+                    return found
+        raise UnknownMessage(f"no stored message has server id {server_id!r}")
+
+    def flags(self, conversation: str | None = None, limit: int = 100) -> defer.Deferred:
+        found = sorted(
+            (flag for flag in self._flags.values() if conversation is None or flag.conversation == conversation),
+            key=lambda flag: (-flag.server_id, flag.checker),
+        )
+        return defer.succeed(found[: max(limit, 0)])
 
     def _append(self, submission: Submission, policy: Policy) -> Appended:
         check_submission(submission)
@@ -292,6 +350,9 @@ class MemoryStore:
             for key, (conversation, first, _count) in list(self._dedupe.items()):
                 if first <= changed.get(conversation, 0):
                     del self._dedupe[key]
+            for key, flag in list(self._flags.items()):
+                if flag.seq <= changed.get(flag.conversation, 0):
+                    del self._flags[key]
         return defer.succeed(changed)
 
     # Read marks --------------------------------------------------------------------------------
@@ -337,3 +398,7 @@ class MemoryStore:
         for key in doomed:
             del self._tokens[key]
         return defer.succeed(len(doomed))
+
+
+def _flag_of(message: Message, checker: str, reason: str) -> Flag:
+    return Flag(message.server_id, message.conversation, message.seq, message.sender, checker, reason)

@@ -34,11 +34,11 @@ from zope.interface import implementer
 from imkit import rules
 from imkit.model import Appended, Message, Submission, direct_members
 from imkit.rules import Decision, Group, Membership, Policy
-from imkit.store.interface import IStore, StoreError, UnknownUser, UserExists
-from imkit.store.memory import DEFAULT_POLICY, check_submission
+from imkit.store.interface import Flag, IStore, ItemFlag, StoreError, UnknownMessage, UnknownUser, UserExists
+from imkit.store.memory import DEFAULT_POLICY, check_flags, check_mark, check_submission
 from imkit.wire import schema
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = (
     "CREATE TABLE users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL)",
@@ -89,7 +89,16 @@ _CONVERSATION_TABLES = (
     " conversation TEXT NOT NULL, user TEXT NOT NULL, device TEXT NOT NULL, seq INTEGER NOT NULL,"
     " PRIMARY KEY (conversation, user, device)) WITHOUT ROWID",
 )
-_SCHEMA = _SCHEMA + (_TOKENS_TABLE,) + _CONVERSATION_TABLES
+_FLAGS_TABLES = (
+    # Marks left by content checkers (imkit.content); conversation, seq and sender are the
+    # message's, so listing needs no join and pruning finds them by (conversation, seq).
+    "CREATE TABLE flags ("
+    " server_id INTEGER NOT NULL, checker TEXT NOT NULL, reason TEXT NOT NULL,"
+    " conversation TEXT NOT NULL, seq INTEGER NOT NULL, sender TEXT NOT NULL,"
+    " PRIMARY KEY (server_id, checker)) WITHOUT ROWID",
+    "CREATE INDEX flags_by_conversation ON flags (conversation, seq)",
+)
+_SCHEMA = _SCHEMA + (_TOKENS_TABLE,) + _CONVERSATION_TABLES + _FLAGS_TABLES
 
 _MIGRATIONS = {
     1: (_TOKENS_TABLE,),  # version 1 -> 2: resume tokens
@@ -104,6 +113,7 @@ _MIGRATIONS = {
         "ALTER TABLE members ADD COLUMN left_seq INTEGER",
     )
     + _CONVERSATION_TABLES,
+    3: _FLAGS_TABLES,  # version 3 -> 4: content flags
 }
 """Statements that bring a database from the version (key) to the next one."""
 
@@ -301,6 +311,48 @@ def _append(connection: sqlite3.Connection, submission: Submission, policy: Poli
     return Appended(messages=tuple(messages), audience=decision.audience)
 
 
+_INSERT_FLAG = (
+    "INSERT INTO flags (server_id, checker, reason, conversation, seq, sender) VALUES (?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (server_id, checker) DO UPDATE SET reason = excluded.reason"
+)
+
+
+def _append_flagged(
+    connection: sqlite3.Connection, submission: Submission, policy: Policy, flags: tuple[ItemFlag, ...]
+) -> Appended:
+    """An append whose items content checkers marked: the messages and their marks, together."""
+    appended = _append(connection, submission, policy)
+    if not appended.duplicate:
+        rows = []
+        for index, checker, reason in flags:
+            message = appended.messages[index]
+            rows.append((message.server_id, checker, reason, message.conversation, message.seq, message.sender))
+        connection.executemany(_INSERT_FLAG, rows)
+    return appended
+
+
+def _flag(connection: sqlite3.Connection, server_id: int, checker: str, reason: str) -> Flag:
+    row = None
+    if isinstance(server_id, int) and 0 < server_id <= _MAX_SEQ:  # else beyond what SQLite stores
+        row = connection.execute("SELECT conversation, seq, sender FROM messages WHERE server_id = ?", (server_id,)).fetchone()
+    if row is None:
+        raise UnknownMessage(f"no stored message has server id {server_id!r}")
+    connection.execute(_INSERT_FLAG, (server_id, checker, reason, row[0], row[1], row[2]))
+    return Flag(server_id, row[0], row[1], row[2], checker, reason)
+
+
+def _flags(connection: sqlite3.Connection, conversation: str | None, limit: int) -> list[Flag]:
+    if limit <= 0:
+        return []
+    columns = "SELECT server_id, conversation, seq, sender, checker, reason FROM flags"
+    order = " ORDER BY server_id DESC, checker LIMIT ?"
+    if conversation is None:
+        rows = connection.execute(columns + order, (min(limit, _MAX_LIMIT),))
+    else:
+        rows = connection.execute(columns + " WHERE conversation = ?" + order, (conversation, min(limit, _MAX_LIMIT)))
+    return [Flag(*row) for row in rows]
+
+
 def _apply(connection: sqlite3.Connection, conversation: str, decision: Decision) -> None:
     """Write what the rules decided besides the messages (as MemoryStore._apply does)."""
     for owner, other, relation in decision.relations:
@@ -437,6 +489,9 @@ def _prune(connection: sqlite3.Connection, now: int, default_ttl: float | None) 
         )
         connection.execute(
             "DELETE FROM messages WHERE conversation = ? AND seq > ? AND seq <= ?", (conversation, floor, new_floor)
+        )
+        connection.execute(
+            "DELETE FROM flags WHERE conversation = ? AND seq > ? AND seq <= ?", (conversation, floor, new_floor)
         )
         connection.execute("UPDATE conversations SET floor_seq = ? WHERE id = ?", (new_floor, conversation))
         changed[conversation] = new_floor
@@ -852,12 +907,26 @@ class SQLiteStore:
     def list_users(self) -> defer.Deferred:
         return self._submit(_list_users, write=False)
 
-    def append(self, submission: Submission, policy: Policy = DEFAULT_POLICY) -> defer.Deferred:
+    def append(self, submission: Submission, policy: Policy = DEFAULT_POLICY, flags: Any = ()) -> defer.Deferred:
         try:
             check_submission(submission)
+            marks = check_flags(submission, flags) if flags else ()
         except ValueError:
             return defer.fail()
+        if marks:
+            # Not _append: the fast path's runs never take it, so it has its own savepoint.
+            return self._submit(_append_flagged, submission, policy, marks, write=True)
         return self._submit(_append, submission, policy, write=True)
+
+    def flag(self, server_id: int, checker: str, reason: str) -> defer.Deferred:
+        try:
+            check_mark(checker, reason)
+        except ValueError:
+            return defer.fail()
+        return self._submit(_flag, server_id, checker, reason, write=True)
+
+    def flags(self, conversation: str | None = None, limit: int = 100) -> defer.Deferred:
+        return self._submit(_flags, conversation, limit, write=False)
 
     def read(self, conversation: str, after_seq: int, limit: int) -> defer.Deferred:
         return self._submit(_read, conversation, after_seq, limit, write=False)
@@ -1023,7 +1092,10 @@ class SQLiteStore:
                     outcomes.append((operation.deferred, outcome))
                     start += 1
             else:
-                outcomes.append((operation.deferred, self._in_savepoint(connection, operation)))
+                outcome = self._in_savepoint(connection, operation)
+                if operation.function is _append_flagged:
+                    self._cache = _AppendCache()  # it wrote messages the caches do not know of
+                outcomes.append((operation.deferred, outcome))
                 start += 1
         try:
             connection.execute("COMMIT")

@@ -39,6 +39,7 @@ _CONSTANTS = [
     ("DEFAULT_MAX_FRAME", "``HelloOk.max_frame``"),
     ("LOGIN_PASSWORD", "``Login.method``"),
     ("LOGIN_TOKEN", "``Login.method``"),
+    ("LOGIN_CERTIFICATE", "``Login.method``"),
     ("TARGET_USER", "``Send.target_type``, ``Bundle.target_type``"),
     ("TARGET_CONVERSATION", "``Send.target_type``, ``Bundle.target_type``"),
     ("TARGET_NEW_GROUP", "``Send.target_type``, ``Bundle.target_type``"),

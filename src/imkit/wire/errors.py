@@ -10,6 +10,11 @@ class ErrorCode(enum.IntEnum):
     Stable numeric codes: clients branch on these, so a number never changes meaning.
 
     0 means success wherever a status field carries one of these codes.
+
+    Codes 50 and up come from the server's resource limits.  ``TOO_MANY_CONNECTIONS`` (from one
+    IP address, or as one user) and ``RATE_LIMITED`` mean "not now": try again later (a
+    ``SendAck`` with ``RATE_LIMITED`` says when, in ``sent_at``).  ``SLOW_READER``: the client did
+    not read what it was sent fast enough and was disconnected.
     """
 
     OK = 0
@@ -31,6 +36,12 @@ class ErrorCode(enum.IntEnum):
     SHUTTING_DOWN = 31
     TOO_MANY_UNACKED = 32
     INTERNAL_ERROR = 40
+    TOO_MANY_CONNECTIONS = 50
+    """Too many connections from this IP address, or logged in as this user: try again later."""
+    RATE_LIMITED = 51
+    """Over a rate limit.  In a ``SendAck``, ``sent_at`` is the server time (ms) to send again."""
+    SLOW_READER = 52
+    """The client read too slowly: the server's buffer for it was full."""
 
 
 class ProtocolError(Exception):

@@ -83,6 +83,13 @@ class SendAck:
     The server's receipt for a Send or Bundle: stored as ``seq``..``seq + count - 1``.
 
     A non-zero ``status`` (an ErrorCode) means nothing was stored and ``reason`` says why.
+
+    ``status`` ``RATE_LIMITED`` is not a failure but "not yet": ``sent_at`` is then the server
+    time (ms) from which to send it again, unchanged (same ``client_msg_id``), and ``server_id``
+    the ``client_msg_id`` of the send the server waits for first (this one, or an earlier one of
+    the device refused the same way).  Until that one comes back, every other send of the device
+    gets this answer too, so nothing overtakes it: a client keeps its sends in order by pausing
+    its outbox until ``sent_at``, then sending that one first and the others after it, in order.
     """
 
     client_msg_id: int

@@ -326,6 +326,10 @@ LOGIN_PASSWORD = 1
 LOGIN_TOKEN = 2
 """``secret`` is the resume token from the last ``LoginResult`` (each login rotates it; an expired
 or revoked one is refused with AUTH_FAILED, and the client logs in with its password again)."""
+LOGIN_CERTIFICATE = 3
+"""``secret`` is empty: the TLS client certificate the server verified against its
+``--tls-client-ca`` is the proof.  Its subject common name must equal ``user``, an existing
+account; anything else (no certificate, another name, no client CA) is refused with AUTH_FAILED."""
 
 TARGET_USER = 1
 """``target`` is a user name: the message goes to the direct conversation with that user."""
