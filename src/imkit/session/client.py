@@ -30,6 +30,8 @@ AWAIT_LOGIN_RESULT = "await-login-result"
 READY = "ready"
 
 # Which server packets are legal in which client state.
+_U64_MAX = 2**64 - 1
+
 _NOTICES = frozenset((schema.RECEIPT, schema.TYPING_NOTICE, schema.PRESENCE_NOTICE))
 _ANSWERS = frozenset((schema.RECEIPTS_RESULT, schema.QUERY_RESULT))
 
@@ -108,6 +110,8 @@ class ClientCore:
         self._heartbeat = 30.0
         self._server_max_frame: int | None = None
         self._requests: dict[int, str | None] = {}
+        self._filling: set[str] = set()
+        """Conversations with a gap-filling sync in flight (the values of _requests, for O(1) lookups)."""
         self._request_ids = 0
         self._syncing = False
         self.caught_up = False
@@ -293,6 +297,7 @@ class ClientCore:
         self.state = DISCONNECTED
         self._timers.clear()
         self._requests.clear()
+        self._filling.clear()
         self._syncing = False
         self.caught_up = False
         self._out = []
@@ -422,6 +427,9 @@ class ClientCore:
             if ack.client_msg_id in self._outbox:
                 self._rate_limited(ack)  # not a failure: it is sent again later
             return
+        if ack.status == 0 and max(ack.seq, ack.server_id) + max(ack.count, 1) - 1 > _U64_MAX:
+            # Numbers past the 64-bit space could never be acked back: a broken or hostile server.
+            raise ProtocolError(ErrorCode.MALFORMED_FRAME, "send ack numbers run past 2**64 - 1")
         pending = self._outbox.pop(ack.client_msg_id, None)
         if pending is None:
             return  # an answer to a resend we no longer wait for
@@ -462,11 +470,13 @@ class ClientCore:
 
     def _request_sync(self, conversation: str | None) -> None:
         """Ask for everything after our positions (conversation None) or fill one gap."""
-        if conversation is not None and conversation in self._requests.values():
+        if conversation is not None and conversation in self._filling:
             return
         self._request_ids = (self._request_ids % 0xFFFFFFFF) + 1
         rid = self._request_ids
         self._requests[rid] = conversation
+        if conversation is not None:
+            self._filling.add(conversation)
         delivered = self.inbound.delivered
         if conversation is None:
             flags = schema.SYNC_SERVER_CURSORS if self._server_cursors else 0
@@ -479,6 +489,7 @@ class ClientCore:
 
     def _on_sync_result(self, result: packets.SyncResult, found: list[Any]) -> None:
         purpose = self._requests.pop(result.request_id, "stale")
+        self._filling.discard(purpose)  # type: ignore[arg-type]
         self._timers.discard(("sync", result.request_id))
         released: list[Message] = []
         for message in result.messages:
@@ -584,6 +595,7 @@ class ClientCore:
                         self._transmit(key[1], pending)
             elif key[0] == "sync":
                 purpose = self._requests.pop(key[1], "stale")
+                self._filling.discard(purpose)  # type: ignore[arg-type]
                 if purpose != "stale" and self.state == READY:
                     self._request_sync(purpose)
         return found
