@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imkit.wire import codec, packets, schema
-from imkit.wire.errors import EncodeError, ErrorCode
+from imkit.wire.errors import ErrorCode
 from imkit.wire.packets import PACKET_CLASSES, RECORD_CLASSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

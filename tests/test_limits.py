@@ -447,12 +447,16 @@ class SlowReaderTests(ServerTestCase):
         # Alice's messages are all stored; bob gets them when he is back.
         self.assertEqual(len(self.stored("dm:alice:bob")), n + 1)
 
-    def test_closing_a_paused_connection_aborts_it(self) -> None:
+    def test_closing_a_connection_that_does_not_read_aborts_it_a_little_later(self) -> None:
         bob = self.peer("bob")
         bob.protocol.pauseProducing()
         self.clock.advance(self.settings.idle_timeout)
-        self.assertTrue(bob.transport.disconnected)
-        self.assertIsNone(bob.transport.producer, "the producer is unregistered before closing")
+        self.assertTrue(bob.closed)
+        self.assertIsNone(bob.transport.producer, "the producer is unregistered before closing (TLS waits for that)")
+        self.assertIn(b"idle", bob.transport.value(), "the goodbye is written")
+        self.assertFalse(bob.transport.disconnected)
+        self.clock.advance(10)
+        self.assertTrue(bob.transport.disconnected, "aborted")
 
 
 class OptionTests(unittest.SynchronousTestCase):

@@ -22,6 +22,10 @@ from imkit.tls import client_certificate_user
 from imkit.wire.errors import ErrorCode
 
 
+_LINGER = 10.0
+"""Seconds a closing connection has to take what was written to it before it is aborted."""
+
+
 class WriteCoalescer:
     """
     Collects the protocols that have output and flushes them all in one call scheduled for the
@@ -72,6 +76,7 @@ class IMServerProtocol(Protocol):
         self._handshake: IDelayedCall | None = None
         self._host: str | None = None
         self._aborted = False
+        self._linger: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -145,8 +150,12 @@ class IMServerProtocol(Protocol):
         self._timer = None
 
     def connectionLost(self, reason: Any = None) -> None:
+        self._aborted = True  # gone: nothing more to write, close or abort
         self._cancel_timer()
         self._cancel_handshake()
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
         self._outbound.clear()
         self._producing = False
         if self._host is not None:
@@ -198,6 +207,8 @@ class IMServerProtocol(Protocol):
         if not outbound.paused and not outbound.size:
             self.transport.write(data)
             return True
+        if self._aborted:
+            return True  # the connection is gone: nothing to hold
         if outbound.hold(data):
             return True
         self._drop_slow_reader()
@@ -216,20 +227,38 @@ class IMServerProtocol(Protocol):
         self.hub.handle(session, [found])
         session.data_to_send()
         self._cancel_timer()
-        self._close()
+        self._close(abort=True)
 
-    def _close(self) -> None:
-        """Close after what was written; at once if the peer is not reading (nothing would get through)."""
+    def _close(self, abort: bool = False) -> None:
+        """
+        Close after what was written (and what we hold for a slow reader, within its limit);
+        ``abort``: at once, dropping it.  A peer that was not reading and does not take what is
+        left within ``_LINGER`` seconds is aborted then, so such a close never hangs on.
+        """
+        if self._aborted:
+            return
         if self._producing:
             self._producing = False
             self.transport.unregisterProducer()  # TLS waits for its producer to go before closing
-        if self._outbound.paused or self._outbound.size:
-            self._outbound.clear()
-            if not self._aborted:
-                self._aborted = True
-                self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
+        outbound = self._outbound
+        if abort:
+            outbound.clear()
+            self._aborted = True
+            self.transport.abortConnection()
+            return
+        paused = outbound.paused
+        if outbound.size:
+            self.transport.write(outbound.take())
+        self.transport.loseConnection()
+        if paused and self._linger is None:
+            # The peer was not reading: give it a little while for the rest, not for ever.
+            self._linger = self.clock.callLater(_LINGER, self._linger_over)
+
+    def _linger_over(self) -> None:
+        self._linger = None
+        if not self._aborted:
+            self._aborted = True
+            self.transport.abortConnection()
 
     def pauseProducing(self) -> None:
         """The transport's buffer is full: hold what we write (up to max_outbound_buffer)."""
@@ -287,6 +316,7 @@ class IMServerFactory(Factory):
             session.data_to_send()
             protocol._cancel_timer()
             protocol._cancel_handshake()
+            protocol._aborted = True
             protocol.transport.abortConnection()
             return
         session.fail(ErrorCode.TOO_MANY_CONNECTIONS, f"too many connections from {host} (at most {limit}); try again later")
