@@ -603,6 +603,10 @@ class StoreContract:
         await self.refused(ErrorCode.NOT_ALLOWED, AB, operations.contact_add())
         # A bundle with any content is refused whole.
         await self.refused(ErrorCode.NOT_ALLOWED, AB, operations.contact_remove(), "sneaky")
+        # Events land in the blocker's view too: no unblocking, editing or retention games.
+        await self.refused(ErrorCode.NOT_ALLOWED, AB, operations.contact_unblock())
+        await self.refused(ErrorCode.NOT_ALLOWED, AB, operations.edit(1, "text/plain", b"edited"))
+        await self.refused(ErrorCode.NOT_ALLOWED, AB, operations.retention(60))
         self.assertEqual(await self.seqs(AB), [1, 2])
         await self.send(AB, operations.contact_unblock(), "sorry", sender="bob")
         await self.send(AB, "no problem")
@@ -611,6 +615,14 @@ class StoreContract:
         await self.send(AB, operations.contact_block(), sender="bob")
         await self.send(AB, operations.contact_add(), "back", sender="bob")
         self.assertEqual(await self.store.contacts("bob"), {"alice": schema.RELATION_CONTACT})
+
+    async def test_a_blocked_user_may_still_step_back_and_take_back(self) -> None:
+        await self.send(AB, "hi")
+        await self.send(AB, operations.contact_block(), sender="bob")
+        await self.send(AB, operations.recall(1))
+        await self.send(AB, operations.contact_remove(), operations.contact_block())
+        self.assertEqual(await self.store.contacts("alice"), {"bob": schema.RELATION_BLOCKED})
+        self.assertEqual(await self.seqs(AB), [1, 2, 3, 4, 5])
 
     async def test_contacts_policy(self) -> None:
         refused = self.sub(AB, "hello", client_msg_id=77)

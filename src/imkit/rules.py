@@ -100,6 +100,7 @@ class Decision:
 
 
 _CONTACT_OPERATIONS = (schema.CONTACT_ADD, schema.CONTACT_REMOVE, schema.CONTACT_BLOCK, schema.CONTACT_UNBLOCK)
+_WHILE_BLOCKED = (schema.CONTACT_REMOVE, schema.CONTACT_BLOCK, schema.RECALL)
 _MEMBERSHIP_OPERATIONS = (schema.GROUP_CREATE, schema.GROUP_ADD, schema.GROUP_REMOVE, schema.GROUP_LEAVE)
 
 
@@ -163,6 +164,10 @@ def _direct(view: View, policy: Policy, submission: Submission, pair: tuple[str,
                 raise Refused(ErrorCode.NOT_ALLOWED, f"you and {other!r} are not each other's contacts")
             continue
         value = _value(item)
+        if theirs == schema.RELATION_BLOCKED and kind not in _WHILE_BLOCKED:
+            # Every event lands in the blocker's view of the conversation: a blocked user may only
+            # step further back (remove, block) or take back what they said (recall).
+            raise Refused(ErrorCode.NOT_ALLOWED, f"you and {other!r} are not each other's contacts")
         if kind in _CONTACT_OPERATIONS:
             if other == sender:
                 raise Refused(ErrorCode.INVALID_OPERATION, "you cannot be your own contact")
