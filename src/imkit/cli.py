@@ -217,20 +217,29 @@ def _build_parser() -> argparse.ArgumentParser:
 _RECEIPT_OUTPUT = 'Prints the server\'s receipt as a JSON line: {"id": SERVER_ID, "conversation": ID, "seq": N}.'
 
 
-def _add_contact_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
-    contact = commands.add_parser(
-        "contact", help="add, remove, block and list contacts",
-        description="Manage your contacts (with twistd imkit --policy contacts, only mutual contacts exchange messages).",
-    )
-    contact.set_defaults(prepare=None, prog="imkit contact")
-    contact_commands = contact.add_subparsers(title="contact commands", metavar="CONTACT_COMMAND")
+def _command_family(
+    commands: Any, connection: argparse.ArgumentParser, family: str, help: str, description: str
+) -> Callable[..., argparse.ArgumentParser]:
+    """A command with subcommands that talk to the server (``imkit contact ...``, ``imkit group ...``)."""
+    parser = commands.add_parser(family, help=help, description=description)
+    parser.set_defaults(prepare=None, prog=f"imkit {family}")
+    subcommands = parser.add_subparsers(title=f"{family} commands", metavar=f"{family.upper()}_COMMAND")
 
     def command(name: str, help: str, description: str, prepare: Callable[[argparse.Namespace], Job]) -> argparse.ArgumentParser:
-        sub = contact_commands.add_parser(name, parents=[connection], help=help, description=description)
-        sub.set_defaults(prepare=prepare, prog=f"imkit contact {name}")
-        sub.add_argument("--device", default="cli-contact", help="device name (default cli-contact)")
+        sub = subcommands.add_parser(name, parents=[connection], help=help, description=description)
+        sub.set_defaults(prepare=prepare, prog=f"imkit {family} {name}")
+        sub.add_argument("--device", default=f"cli-{family}", help=f"device name (default cli-{family})")
         _timeout(sub, "the server does not answer")
         return sub
+
+    return command
+
+
+def _add_contact_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
+    command = _command_family(
+        commands, connection, "contact", "add, remove, block and list contacts",
+        "Manage your contacts (with twistd imkit --policy contacts, only mutual contacts exchange messages).",
+    )
 
     user_help = "the other user"
     add = command("add", "add a contact", f"Make NAME one of your contacts.  {_RECEIPT_OUTPUT}", _prepare_contact_add)
@@ -255,19 +264,10 @@ def _add_contact_commands(commands: Any, connection: argparse.ArgumentParser) ->
 
 
 def _add_group_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
-    group = commands.add_parser(
-        "group", help="create groups, manage their members, list them",
-        description="Create groups and manage their members; send to a group with imkit send --group ID.",
+    command = _command_family(
+        commands, connection, "group", "create groups, manage their members, list them",
+        "Create groups and manage their members; send to a group with imkit send --group ID.",
     )
-    group.set_defaults(prepare=None, prog="imkit group")
-    group_commands = group.add_subparsers(title="group commands", metavar="GROUP_COMMAND")
-
-    def command(name: str, help: str, description: str, prepare: Callable[[argparse.Namespace], Job]) -> argparse.ArgumentParser:
-        sub = group_commands.add_parser(name, parents=[connection], help=help, description=description)
-        sub.set_defaults(prepare=prepare, prog=f"imkit group {name}")
-        sub.add_argument("--device", default="cli-group", help="device name (default cli-group)")
-        _timeout(sub, "the server does not answer")
-        return sub
 
     group_help = "the group's id (g:..., see imkit group list)"
     create = command(
