@@ -11,7 +11,7 @@ import random
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet import defer, protocol, reactor, ssl
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport, IStreamClientEndpoint
 from twisted.internet.task import Clock, deferLater
@@ -646,6 +646,36 @@ class ClientRetryTests(unittest.SynchronousTestCase):
         endpoint.pump()
 
 
+    def test_a_login_refused_for_too_many_connections_is_tried_again(self) -> None:
+        clock = FakeReactor()
+        clock.advance(T0)
+        store = MemoryStore()
+        self.successResultOf(store.add_user("alice", self.successResultOf(PASSWORDS.hash("alice-pw"))))
+        settings = ServerSettings(max_connections_per_user=1)
+        hub = Hub(store, PASSWORDS, clock, settings)
+        endpoint = HubEndpoint(clock, IMServerFactory(hub, settings, clock))
+        phone = IMClient(endpoint, "alice", "alice-pw", "phone", reactor=clock, rng=random.Random(1))
+        laptop = IMClient(endpoint, "alice", "alice-pw", "laptop", reactor=clock, rng=random.Random(2))
+        phone.startService()
+        endpoint.pump()
+        self.successResultOf(phone.loggedIn())
+        laptop.startService()
+        endpoint.pump()
+        self.assertNoResult(laptop.loggedIn())
+        self.assertEqual([conn.device for conn in hub.online("alice")], ["phone"])
+        phone.stopService()
+        endpoint.pump()
+        for _ in range(100):
+            clock.advance(1)
+            endpoint.pump()
+            if laptop.loggedIn().called:
+                break
+        self.successResultOf(laptop.loggedIn())
+        self.assertEqual([conn.device for conn in hub.online("alice")], ["laptop"])
+        laptop.stopService()
+        endpoint.pump()
+
+
 # Attack on a real listener ---------------------------------------------------------------------
 
 
@@ -712,6 +742,16 @@ class AttackTests(unittest.TestCase):
     """
 
     timeout = 60
+
+    def setUp(self) -> None:
+        import socket
+
+        for source in ("127.0.0.2", "127.0.0.3"):
+            with socket.socket() as probe:
+                try:
+                    probe.bind((source, 0))
+                except OSError:
+                    raise unittest.SkipTest(f"cannot connect from {source} here (Linux routes all of 127/8 to loopback)")
 
     async def run_attack(self) -> None:
         options = tap.Options()
