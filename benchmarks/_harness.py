@@ -409,6 +409,9 @@ class ImkitServer:
             "--logfile",
             self.log_path,
             "imkit",
+            # Throughput benchmarks measure the server, not its abuse limits: rates off unless a
+            # benchmark (bench_attack) turns them on again in extra_args.
+            "--send-rate", "0", "--sync-rate", "0", "--lookup-rate", "0",
             "--listen",
             f"tls:{self.port}:interface={HOST}",
             "--store",

@@ -104,12 +104,12 @@ class Options(usage.Options):
          "past it the client is disconnected", _positive(int, "max-outbound-buffer")],
         ["max-connections-per-ip", None, 1000, "open connections from one IP address (0: no limit)", _at_least_zero(int, "max-connections-per-ip")],
         ["max-connections-per-user", None, 32, "connections logged in or logging in as one user (0: no limit)", _at_least_zero(int, "max-connections-per-user")],
-        ["send-rate", None, 0.0, "messages per second one device may send, sustained; more are answered RATE_LIMITED "
+        ["send-rate", None, 50.0, "messages per second one device may send, sustained; more are answered RATE_LIMITED "
          "with the time to resend (0: no limit)", _at_least_zero(float, "send-rate")],
-        ["send-burst", None, 100, "messages one device may send in a burst above --send-rate", _positive(int, "send-burst")],
-        ["sync-rate", None, 0.0, "syncs per second one device may ask for; more are answered late (0: no limit)", _at_least_zero(float, "sync-rate")],
+        ["send-burst", None, 500, "messages one device may send in a burst above --send-rate", _positive(int, "send-burst")],
+        ["sync-rate", None, 5.0, "syncs per second one device may ask for; more are answered late (0: no limit)", _at_least_zero(float, "sync-rate")],
         ["sync-burst", None, 50, "syncs one device may ask for in a burst above --sync-rate", _positive(int, "sync-burst")],
-        ["lookup-rate", None, 0.0, "queries and receipt queries per second one device may ask; more are answered "
+        ["lookup-rate", None, 5.0, "queries and receipt queries per second one device may ask; more are answered "
          "RATE_LIMITED (0: no limit)", _at_least_zero(float, "lookup-rate")],
         ["lookup-burst", None, 50, "lookups one device may make in a burst above --lookup-rate", _positive(int, "lookup-burst")],
         ["user-rate-factor", None, 3.0, "a user's devices together get this many times a device's rates (0: no per-user limit)",
