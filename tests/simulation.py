@@ -746,7 +746,8 @@ class World:
 
     ``users`` maps each user name to its number of devices (named d1, d2, ...).  Devices start
     offline; ``connect`` (or ``connect_all``) brings one online, after which it stays online,
-    reconnecting after every lost connection, until ``disconnect``.
+    reconnecting after every lost connection, until ``disconnect``.  The hub runs ``policy``;
+    ``preload`` writes history into the store before the run (contacts, say).
     """
 
     def __init__(

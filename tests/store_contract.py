@@ -24,6 +24,7 @@ from imkit.rules import Group, Membership, Policy, Refused
 from imkit.store.interface import Flag, IStore, ItemFlag, UnknownMessage, UnknownUser, UserExists
 from imkit.wire import schema
 from imkit.wire.errors import ErrorCode
+from imkit.wire.packets import DeviceKeys, OneTimeKey
 
 U64_MAX = 2**64 - 1
 
@@ -393,6 +394,35 @@ class StoreContract:
         self.assertIsNone(await self.store.password_hash("gina"))
         self.assertEqual(await self.store.list_users(), sorted(CAST + ("erin", "frank")))
 
+    async def test_disabled_users(self) -> None:
+        """Disabling forgets the user's tokens (only theirs) and is undone by enabling; unknown users fail."""
+        store = self.store
+        self.assertEqual(await store.disabled_users(), [])
+        self.assertFalse(await store.is_disabled("alice"))
+        self.assertFalse(await store.is_disabled("nobody"))
+        await store.set_token("a1", "alice", "phone", 1000)
+        await store.set_token("a2", "alice", "laptop", 1000)
+        await store.set_token("b1", "bob", "phone", 1000)
+        self.assertEqual(await store.set_disabled("alice", True), 2)
+        self.assertTrue(await store.is_disabled("alice"))
+        self.assertIsNone(await store.token_owner("a1"))
+        self.assertIsNone(await store.token_owner("a2"))
+        self.assertEqual(await store.token_owner("b1"), ("bob", "phone", 1000))
+        self.assertEqual(await store.set_disabled("alice", True), 0, "disabling twice is harmless")
+        self.assertEqual(await store.set_disabled("carol", True), 0)
+        self.assertEqual(await store.disabled_users(), ["alice", "carol"])
+        self.assertIsNotNone(await store.password_hash("alice"), "a disabled user still exists")
+        self.assertIn("alice", await store.list_users())
+        self.assertEqual(await store.set_disabled("alice", False), 0)
+        self.assertFalse(await store.is_disabled("alice"))
+        self.assertEqual(await store.disabled_users(), ["carol"])
+        with self.assertRaises(UnknownUser):
+            await store.set_disabled("nobody", True)
+        self.assertEqual(await store.disabled_users(), ["carol"])
+        store = await self.restart()
+        self.assertEqual(await store.disabled_users(), ["carol"])
+        self.assertTrue(await store.is_disabled("carol"))
+
     async def test_a_failing_call_fails_alone(self) -> None:
         calls = [
             self.store.add_user("erin", "1"),
@@ -546,6 +576,42 @@ class StoreContract:
         await store.set_token("d4", "alice", "phone", 4000)
         self.assertEqual(await store.revoke_tokens("alice"), 2)
         self.assertIsNone(await store.token_owner("d2"))
+
+    # Key directory -----------------------------------------------------------------------------
+
+    async def test_key_directory(self) -> None:
+        """Published keys by user and device; one-time keys handed out once each, oldest first."""
+        store = self.store
+        self.assertEqual(await store.device_keys(["alice"]), [])
+        phone = DeviceKeys("alice", "phone", "curve-1", "ed-1", "sig-1", tuple(OneTimeKey(f"k{i}", f"otk{i}", f"s{i}") for i in range(3)))
+        self.assertEqual(await store.publish_keys(phone, 10), 3)
+        laptop = DeviceKeys("alice", "laptop", "curve-2", "ed-2", "sig-2")
+        self.assertEqual(await store.publish_keys(laptop, 10), 0)
+        await store.publish_keys(DeviceKeys("bob", "phone", "curve-3", "ed-3", "sig-3", (OneTimeKey("b", "otk-b", "s"),)), 10)
+        bare = attrs.evolve(phone, one_time_keys=())
+        self.assertEqual(await store.device_keys(["alice", "nobody"]), [laptop, bare])
+        self.assertEqual(len(await store.device_keys(["bob", "alice", "bob"])), 3)
+        # Republishing the same identity adds keys (known ids skipped), up to the limit.
+        more = attrs.evolve(phone, one_time_keys=(OneTimeKey("k0", "otk0", "s0"), OneTimeKey("k3", "otk3", "s3"), OneTimeKey("k4", "otk4", "s4")))
+        self.assertEqual(await store.publish_keys(more, 4), 4)
+        claimed = await store.claim_one_time_keys([("alice", "phone"), ("alice", "laptop"), ("bob", "phone"), ("carol", "x")])
+        self.assertEqual(claimed, {("alice", "phone"): OneTimeKey("k0", "otk0", "s0"), ("bob", "phone"): OneTimeKey("b", "otk-b", "s")})
+        self.assertEqual(await store.claim_one_time_keys([("bob", "phone")]), {}, "each one-time key is handed out once")
+        self.assertEqual((await store.claim_one_time_keys([("alice", "phone")]))[("alice", "phone")].key_id, "k1")
+        store = await self.restart()
+        self.assertEqual(await store.device_keys(["alice"]), [laptop, bare])
+        self.assertEqual((await store.claim_one_time_keys([("alice", "phone")]))[("alice", "phone")].key_id, "k2")
+        self.assertEqual(await store.publish_keys(bare, 10), 1, "k3 is left")
+        # A new identity replaces the old one and drops its one-time keys.
+        renewed = DeviceKeys("alice", "phone", "curve-9", "ed-9", "sig-9", (OneTimeKey("n", "otk-n", "s"),))
+        self.assertEqual(await store.publish_keys(renewed, 10), 1)
+        self.assertEqual(await store.claim_one_time_keys([("alice", "phone")]), {("alice", "phone"): OneTimeKey("n", "otk-n", "s")})
+        self.assertEqual(await store.remove_device_keys("alice", "laptop"), 1)
+        self.assertEqual([k.device for k in await store.device_keys(["alice"])], ["phone"])
+        self.assertEqual(await store.remove_device_keys("alice"), 1)
+        self.assertEqual(await store.remove_device_keys("alice"), 0)
+        self.assertEqual(await store.device_keys(["alice"]), [])
+        self.assertEqual([k.user for k in await store.device_keys(["alice", "bob"])], ["bob"])
 
     # Conversation ids --------------------------------------------------------------------------
 

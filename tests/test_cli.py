@@ -60,7 +60,7 @@ class UsageErrorTests(ScratchDirectory, SynchronousTestCase):
 
     def test_no_command(self) -> None:
         self.assertEqual(self.usage_error(), "imkit: name a command: user, contact, group, send or listen (see imkit --help)")
-        self.assertEqual(self.usage_error("user"), "imkit user: name a command: add, passwd, revoke or list (see imkit user --help)")
+        self.assertEqual(self.usage_error("user"), "imkit user: name a command: add, passwd, revoke, disable, enable or list (see imkit user --help)")
         self.assertEqual(
             self.usage_error("contact"), "imkit contact: name a command: add, remove, block, unblock or list (see imkit contact --help)"
         )

@@ -409,7 +409,7 @@ class SQLiteStoreTests(TemporaryDirectory, unittest.TestCase):
         self.assertTrue(resent.duplicate)
         await store.close()
         connection = sqlite3.connect(self.database())
-        self.assertEqual(connection.execute("PRAGMA user_version").fetchone()[0], 4)
+        self.assertEqual(connection.execute("PRAGMA user_version").fetchone()[0], sqlite_module.SCHEMA_VERSION)
         connection.close()
         self.assertEqual(schema_of(self.database()), self.new_schema())
         reopened = await self.opened()

@@ -51,7 +51,7 @@ from imkit.wire.schema import DEFAULT_MAX_FRAME
 
 _COMMANDS = {
     "imkit": "user, contact, group, send or listen",
-    "imkit user": "add, passwd, revoke or list",
+    "imkit user": "add, passwd, revoke, disable, enable or list",
     "imkit contact": "add, remove, block, unblock or list",
     "imkit group": "create, add, remove, leave, members or list",
 }
@@ -148,16 +148,42 @@ def _build_parser() -> argparse.ArgumentParser:
 
     revoke = user_commands.add_parser(
         "revoke", help="revoke resume tokens",
-        description="Revoke the resume tokens of one device of a user, or of all its devices: they must log in with the password again.",
+        description=(
+            "Revoke the resume tokens of one device of a user, or of all its devices: they must log in with the password"
+            " again.  A running server is not told: a device connected now stays connected until it next reconnects"
+            " (then it needs the password).  To end live sessions too, disable the user (the server logs them out"
+            " within its --account-check-interval), or call the server's hub.revoke() from Python."
+        ),
     )
     revoke.set_defaults(prepare=_prepare_user_revoke, prog="imkit user revoke")
     revoke.add_argument("name", help="the user")
     revoke.add_argument("--device", help="only this device (default: every device of the user)")
     revoke.add_argument("--store", default=DEFAULT_STORE, help=store_help)
 
+    disable = user_commands.add_parser(
+        "disable", help="stop a user from logging in",
+        description=(
+            "Disable a user: their resume tokens are revoked and every login of theirs is refused; a running server"
+            " logs them out within its --account-check-interval (10 s by default).  Their messages and"
+            " memberships stay.  imkit user enable undoes it."
+        ),
+    )
+    disable.set_defaults(prepare=_prepare_user_disable, prog="imkit user disable")
+    disable.add_argument("name", help="the user")
+    disable.add_argument("--store", default=DEFAULT_STORE, help=store_help)
+
+    enable = user_commands.add_parser(
+        "enable", help="let a disabled user log in again",
+        description="Enable a disabled user: they can log in with their password again.",
+    )
+    enable.set_defaults(prepare=_prepare_user_enable, prog="imkit user enable")
+    enable.add_argument("name", help="the user")
+    enable.add_argument("--store", default=DEFAULT_STORE, help=store_help)
+
     listing = user_commands.add_parser("list", help="list user names", description="Print every user name, one a line.")
     listing.set_defaults(prepare=_prepare_user_list, prog="imkit user list")
     listing.add_argument("--store", default=DEFAULT_STORE, help=store_help)
+    listing.add_argument("--disabled", action="store_true", help="only the disabled users")
 
     connection = _Parser(add_help=False)
     connection.add_argument("--server", default=DEFAULT_SERVER, metavar="HOST:PORT", help=f"default {DEFAULT_SERVER}")
@@ -444,6 +470,35 @@ def _prepare_user_revoke(args: argparse.Namespace) -> Job:
     return revoke_tokens
 
 
+def _prepare_user_disable(args: argparse.Namespace) -> Job:
+    return _set_disabled(args, True)
+
+
+def _prepare_user_enable(args: argparse.Namespace) -> Job:
+    return _set_disabled(args, False)
+
+
+def _set_disabled(args: argparse.Namespace, disabled: bool) -> Job:
+    from twisted.internet import reactor
+
+    store = _open_store(args.store, reactor)
+
+    async def set_disabled(reactor: Any) -> None:
+        from imkit.store import UnknownUser
+
+        async with _opened(store):
+            try:
+                revoked = await store.set_disabled(args.name, disabled)
+            except UnknownUser:
+                raise CommandFailed(f"no user {args.name!r} in {store.description}; see imkit user list") from None
+        if disabled:
+            print(f"disabled {args.name}; revoked {revoked} resume token(s); a running server logs them out shortly")
+        else:
+            print(f"enabled {args.name}")
+
+    return set_disabled
+
+
 def _prepare_user_list(args: argparse.Namespace) -> Job:
     from twisted.internet import reactor
 
@@ -451,7 +506,7 @@ def _prepare_user_list(args: argparse.Namespace) -> Job:
 
     async def list_users(reactor: Any) -> None:
         async with _opened(store):
-            names = await store.list_users()
+            names = await (store.disabled_users() if getattr(args, "disabled", False) else store.list_users())
         for name in names:
             print(name)
 

@@ -6,6 +6,26 @@ every online device of every member, answers syncs from the store and records de
 It talks to connections only through the sans-IO ``ServerConnection`` methods and to storage only
 through ``IStore`` Deferreds, so the same hub runs under the reactor and in the deterministic
 simulation.
+
+Sessions and tokens.  A login (password, resume token or TLS client certificate) authenticates
+the connection, and the connection *is* the session: every later packet on it acts as the user
+and device it logged in as (no packet carries a sender), and the session ends with the
+connection.  There is deliberately no separate short-lived session token: on one persistent TLS
+connection nothing would ever present it, so it would add a secret to keep without protecting
+anything.  What a login hands out is the *resume token*: 32 random bytes that let that device
+log in again without its password.  It expires after ``token_ttl``, is bound to its user and
+device, and is replaced by a new one at every login (so each is good for one reconnect, and one
+used by a thief makes the owner's device fall back to its password).  The store keeps only its
+SHA-256 digest and finds a token by that digest: nothing compares a secret byte by byte (an
+attacker timing the lookup learns about digests of their own guesses).  Tokens are revoked
+per device or per user (``revoke``, ``imkit user revoke``), and every token of a user when the
+user is disabled (``disable``, ``imkit user disable``).  Revoking or disabling through the hub
+also ends the live sessions at once; done by the CLI on the store of a running server, revoking
+ends them at their next reconnect, and disabling within ``account_check_interval`` seconds (the
+hub looks for disabled users among those online that often, and at every login).
+
+Password logins go through the failed-login limiter (``imkit.server.logins``) per user name and
+per IP address.
 """
 
 from __future__ import annotations
@@ -13,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Iterable
 
 import attrs
@@ -25,7 +45,9 @@ from imkit.checks import Rejected, SubmissionCheck
 from imkit.content.pipeline import ContentPipeline
 from imkit.model import Appended, Item, Message, Submission, direct_conversation, direct_members
 from imkit.rules import Policy, Refused, is_group
-from imkit.server.limits import Limits
+from imkit.server.limits import Limits, host_of
+from imkit.server.logins import LoginLimiter
+from imkit.server.keys import KEY_PACKETS, KeyDirectory
 from imkit.server.requests import Requests
 from imkit.session import events
 from imkit.session.server import CLOSED, READY, ServerConnection
@@ -38,6 +60,7 @@ _encode_deliver = codec.CODECS[schema.DELIVER].encode
 
 _MAX_NAME = 64
 _MAX_ROUTES = 100_000
+_MAX_REFUSALS = 100_000
 _PER_MESSAGE_OVERHEAD = 256
 _DUMMY_PASSWORD = "imkit timing equaliser"
 
@@ -74,14 +97,23 @@ class Hub:
         self.certificate_users: weakref.WeakKeyDictionary[ServerConnection, str] = weakref.WeakKeyDictionary()
         """connection -> the user its verified TLS client certificate names (set by the protocol)."""
         self._in_order: dict[tuple[str, str], deque] = {}
+        self._refusals: OrderedDict[tuple[str, str, int], packets.SendAck] = OrderedDict()
+        """The latest refusals by (user, device, client message id): a resend gets the same answer."""
         """(user, device) -> its sends waiting behind a slow check, oldest first."""
         self._fan_outs: deque[_FanOut] = deque()
         self._fan_out_call: Any = None
         self.stopping = False
         self.limits = Limits(settings, clock)
         """Rate limits, the anti-crawler rule and connections per user (``imkit.server.limits``)."""
+        self.logins = LoginLimiter(settings, clock)
+        """Failed password logins per user name and per IP address (``imkit.server.logins``)."""
+        self._account_check: Any = None
+        self._ackable: weakref.WeakKeyDictionary[ServerConnection, set[str]] = weakref.WeakKeyDictionary()
+        """connection -> conversations it may see, found when it first acknowledged them."""
         self.requests = Requests(self)
         self.ephemeral = self.requests
+        self.keys = KeyDirectory(self)
+        """End-to-end encryption's key directory (``imkit.server.keys``)."""
 
     # Connections -------------------------------------------------------------------------------
 
@@ -96,6 +128,8 @@ class Hub:
                 del devices[conn]
                 if not devices:
                     del self._online[conn.user]
+                    if not self._online:
+                        self._stop_account_checks()
                 self.ephemeral.device_offline(conn)
         if conn.state != CLOSED:
             conn.close(ErrorCode.OK, "connection lost", say_bye=False)
@@ -104,6 +138,7 @@ class Hub:
         """Say goodbye to every connection (unacknowledged sends will be resent elsewhere)."""
         self.stopping = True
         self.limits.stop()
+        self._stop_account_checks()
         for devices in list(self._online.values()):
             for conn in list(devices):
                 conn.close(ErrorCode.SHUTTING_DOWN, reason)
@@ -125,7 +160,8 @@ class Hub:
                 else:
                     conn.reject_login(ErrorCode.TOO_MANY_CONNECTIONS, refusal)
             elif kind is events.RequestReceived:
-                self._later(conn, self.requests.handle(conn, event.packet))
+                handler = self.keys if isinstance(event.packet, KEY_PACKETS) else self.requests
+                self._later(conn, handler.handle(conn, event.packet))
             elif kind is events.WindowOpened:
                 self._later(conn, self._send_heads(conn, event.conversations))
             elif kind is events.ConnectionClosing:
@@ -155,12 +191,38 @@ class Hub:
         if not valid_name(request.user) or not valid_name(request.device):
             conn.reject_login(ErrorCode.AUTH_FAILED, "user and device names are 1-64 characters without ':' or spaces")
             return
-        if request.method == schema.LOGIN_TOKEN:
-            ok = await self._token_valid(request)
-        elif request.method == schema.LOGIN_CERTIFICATE:
-            ok = await self._certificate_valid(conn, request)
-        else:
-            ok = await self._password_valid(request)
+        limited = request.method == schema.LOGIN_PASSWORD and self.logins.enabled
+        if limited:
+            # Refused unchecked while the name or the address is locked: the same for every name.
+            refusal = self.logins.begin(request.user, host_of(conn.peer))
+            if refusal is not None:
+                conn.reject_login(ErrorCode.RATE_LIMITED, refusal.reason)
+                return
+        try:
+            if request.method == schema.LOGIN_TOKEN:
+                ok = await self._token_valid(request)
+            elif request.method == schema.LOGIN_CERTIFICATE:
+                ok = await self._certificate_valid(conn, request)
+            else:
+                ok = await self._password_valid(request)
+            # Asked only once the credentials are good: a disabled account looks like any
+            # other to someone who cannot log in as it.
+            disabled = ok and await self.store.is_disabled(request.user)
+        except BaseException:
+            if limited:
+                self.logins.abandoned(request.user, host_of(conn.peer))
+            raise
+        if limited:
+            if ok and not disabled:
+                self.logins.succeeded(request.user, host_of(conn.peer))
+            else:
+                # A right password for a disabled account counts as a failure: such an account
+                # must be no better a password oracle than a live one.
+                self.logins.failed(request.user, host_of(conn.peer))
+        if disabled:
+            self.log.warn("refused a login of disabled user {user!r} from {peer}", user=request.user, peer=conn.peer)
+            conn.reject_login(ErrorCode.AUTH_FAILED, "this account is disabled")
+            return
         if not ok:
             self.log.warn("failed login for {user!r} from {peer}", user=request.user, peer=conn.peer)
             if request.method == schema.LOGIN_TOKEN:
@@ -182,6 +244,7 @@ class Hub:
         d.addErrback(lambda failure: self.log.failure("could not record a resume token", failure))
         conn.accept_login(request.user, request.device, token)
         self._online.setdefault(request.user, {})[conn] = None
+        self._start_account_checks()
         self.ephemeral.device_online(conn)
         # The connections this one replaces go once it is online: the user never went offline.
         for other, code, reason in leaving:
@@ -248,11 +311,74 @@ class Hub:
             self._dummy_hash = await self.passwords.hash(_DUMMY_PASSWORD)
         return self._dummy_hash
 
+    # Accounts ----------------------------------------------------------------------------------
+
+    def end_sessions(self, user: str, device: str | None = None, reason: str = "logged out by the server") -> int:
+        """Close the live connections of ``user`` (of one ``device`` only, if given). Returns how many."""
+        doomed = [conn for conn in self._online.get(user, ()) if device is None or conn.device == device]
+        for conn in doomed:
+            conn.close(ErrorCode.AUTH_FAILED, reason)
+            self.connection_lost(conn)
+        if doomed:
+            self.log.info("ended {count} session(s) of {user}: {reason}", count=len(doomed), user=user, reason=reason)
+        return len(doomed)
+
+    async def revoke(self, user: str, device: str | None = None) -> int:
+        """
+        Revoke the resume tokens of one device of ``user``, or of all its devices, and end their
+        live sessions: they must log in with the password again.  Returns how many tokens went.
+        """
+        revoked = await self.store.revoke_tokens(user, device)
+        self.end_sessions(user, device, "this device's resume token was revoked; log in with the password")
+        return revoked
+
+    async def disable(self, user: str) -> int:
+        """Disable ``user``: tokens revoked, live sessions ended, logins refused.  Fails with UnknownUser."""
+        revoked = await self.store.set_disabled(user, True)
+        self.end_sessions(user, None, "this account is disabled")
+        return revoked
+
+    async def enable(self, user: str) -> None:
+        """Let a disabled user log in again (with the password: their tokens are gone)."""
+        await self.store.set_disabled(user, False)
+
+    def _start_account_checks(self) -> None:
+        interval = self.settings.account_check_interval
+        if self._account_check is None and interval > 0 and not self.stopping:
+            self._account_check = self.clock.callLater(interval, self._check_accounts)
+
+    def _stop_account_checks(self) -> None:
+        call, self._account_check = self._account_check, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _check_accounts(self) -> None:
+        """Log out online users disabled meanwhile (by ``imkit user disable`` on the store)."""
+        self._account_check = None
+        if not self._online:
+            return
+        self._start_account_checks()
+        d = self.store.disabled_users()
+        d.addCallback(self._end_disabled)
+        d.addErrback(lambda failure: self.log.failure("could not look for disabled users", failure))
+
+    def _end_disabled(self, disabled: list[str]) -> None:
+        for user in disabled:
+            if user in self._online:
+                self.end_sessions(user, None, "this account is disabled")
+
     # Sending -----------------------------------------------------------------------------------
 
     def _submit(self, conn: ServerConnection, packet: packets.Send | packets.Bundle) -> None:
         sender = conn.user
         assert sender is not None
+        if self._refusals:
+            refusal = self._refusals.get((sender, conn.device, packet.client_msg_id))
+            if refusal is not None:
+                # A resend of something refused: the client has told its application "refused",
+                # so the answer stays the same even if the rules would now let it through.
+                conn.ack(refusal)
+                return
         target_type = packet.target_type
         if type(packet) is packets.Send:
             items: tuple[Item, ...] = (Item(packet.content_type, packet.body),)
@@ -359,7 +485,12 @@ class Hub:
         return None
 
     def _refuse(self, conn: ServerConnection, cmid: int, code: ErrorCode, reason: str) -> None:
-        conn.ack(packets.SendAck(cmid, int(code), 0, 0, 0, 0, "", reason))
+        refusal = packets.SendAck(cmid, int(code), 0, 0, 0, 0, "", reason)
+        refusals = self._refusals
+        refusals[(conn.user, conn.device, cmid)] = refusal  # type: ignore[index]
+        if len(refusals) > _MAX_REFUSALS:
+            refusals.popitem(last=False)
+        conn.ack(refusal)
 
     def _append(self, conn: ServerConnection, submission: Submission, flags: tuple = ()) -> None:
         if flags:
@@ -457,8 +588,22 @@ class Hub:
     # Acks, sync, heads -------------------------------------------------------------------------
 
     def _record_cursor(self, conn: ServerConnection, conversation: str, seq: int) -> None:
-        d = self.store.set_cursor(conn.user, conn.device, conversation, seq)
+        ackable = self._ackable.get(conn)
+        if ackable is not None and conversation in ackable:
+            d = self.store.set_cursor(conn.user, conn.device, conversation, seq)
+        else:
+            # The first ack of a conversation on this connection: is it one the user may see?
+            # (Otherwise anyone could fill the store with cursors for made-up conversations.)
+            d = defer.ensureDeferred(self._first_ack(conn, conversation, seq))
         d.addErrback(lambda failure: self.log.failure("could not record a delivery cursor", failure))
+
+    async def _first_ack(self, conn: ServerConnection, conversation: str, seq: int) -> None:
+        span = await self.store.visibility(conversation, conn.user)
+        if span is None:
+            self.limits.missed(conn, conversation)  # counted (and logged) as a probe, ignored
+            return
+        self._ackable.setdefault(conn, set()).add(conversation)
+        await self.store.set_cursor(conn.user, conn.device, conversation, seq)
 
     async def _sync(self, conn: ServerConnection, request: packets.Sync) -> None:
         user, device = conn.user, conn.device

@@ -33,7 +33,7 @@ READY = "ready"
 _U64_MAX = 2**64 - 1
 
 _NOTICES = frozenset((schema.RECEIPT, schema.TYPING_NOTICE, schema.PRESENCE_NOTICE))
-_ANSWERS = frozenset((schema.RECEIPTS_RESULT, schema.QUERY_RESULT))
+_ANSWERS = frozenset((schema.RECEIPTS_RESULT, schema.QUERY_RESULT, schema.KEYS_RESULT))
 
 ALLOWED = {
     schema.HELLO_OK: {AWAIT_HELLO_OK},
@@ -48,6 +48,7 @@ ALLOWED = {
     schema.TYPING_NOTICE: {READY},
     schema.PRESENCE_NOTICE: {READY},
     schema.QUERY_RESULT: {READY},
+    schema.KEYS_RESULT: {READY},
     schema.PING: {AWAIT_LOGIN_RESULT, READY},
     schema.PONG: {AWAIT_LOGIN_RESULT, READY},
     schema.ERROR: {AWAIT_HELLO_OK, AWAIT_LOGIN_RESULT, READY},
@@ -427,9 +428,13 @@ class ClientCore:
             if ack.client_msg_id in self._outbox:
                 self._rate_limited(ack)  # not a failure: it is sent again later
             return
-        if ack.status == 0 and max(ack.seq, ack.server_id) + max(ack.count, 1) - 1 > _U64_MAX:
-            # Numbers past the 64-bit space could never be acked back: a broken or hostile server.
-            raise ProtocolError(ErrorCode.MALFORMED_FRAME, "send ack numbers run past 2**64 - 1")
+        waiting = self._outbox.get(ack.client_msg_id)
+        if ack.status == 0 and waiting is not None:
+            packet = waiting.packet
+            count = 1 if type(packet) is packets.Send else len(packet.items)
+            if max(ack.seq, ack.server_id) + max(ack.count, count) - 1 > _U64_MAX:
+                # Numbers past the 64-bit space could never be acked back: a broken or hostile server.
+                raise ProtocolError(ErrorCode.MALFORMED_FRAME, "send ack numbers run past 2**64 - 1")
         pending = self._outbox.pop(ack.client_msg_id, None)
         if pending is None:
             return  # an answer to a resend we no longer wait for

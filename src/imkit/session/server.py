@@ -40,6 +40,8 @@ ALLOWED = {
     schema.TYPING: {READY},
     schema.PRESENCE: {READY},
     schema.QUERY: {READY},
+    schema.KEYS_UPLOAD: {READY},
+    schema.KEYS_QUERY: {READY},
     schema.PING: {AWAIT_LOGIN, AUTHENTICATING, READY},
     schema.PONG: {AWAIT_LOGIN, AUTHENTICATING, READY},
     schema.BYE: {AWAIT_HELLO, AWAIT_LOGIN, AUTHENTICATING, READY},
@@ -50,7 +52,9 @@ ALLOWED = {
 _encode_deliver = codec.CODECS[schema.DELIVER].encode
 _encode_send_ack = codec.CODECS[schema.SEND_ACK].encode
 
-_REQUESTS = frozenset((schema.READ, schema.RECEIPTS_QUERY, schema.TYPING, schema.PRESENCE, schema.QUERY))
+_REQUESTS = frozenset(
+    (schema.READ, schema.RECEIPTS_QUERY, schema.TYPING, schema.PRESENCE, schema.QUERY, schema.KEYS_UPLOAD, schema.KEYS_QUERY)
+)
 
 _LOGIN_DEADLINE = "login"
 _IDLE_DEADLINE = "idle"

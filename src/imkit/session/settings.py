@@ -29,6 +29,20 @@ class ServerSettings:
     token_ttl: float = 7 * 24 * 3600.0
     """How long a resume token (issued at every login, replacing the device's previous one) lets a
     device reconnect without its password."""
+    # Failed logins and disabled accounts (imkit.server.logins) ---------------------------------
+    login_failures: int = 5
+    """Failed password logins for one user name within ``login_window`` after which its next
+    attempts are refused (RATE_LIMITED, unchecked) for ``login_backoff`` seconds, doubling at each
+    further lockout up to ``login_backoff_max`` (0: no per-account limit).  Names that do not exist
+    are counted the same way, so a refusal tells nothing about whether an account exists."""
+    login_failures_per_ip: int = 20
+    """The same, for failed password logins from one IP address (0: no per-address limit)."""
+    login_window: float = 300.0
+    login_backoff: float = 30.0
+    login_backoff_max: float = 900.0
+    account_check_interval: float = 10.0
+    """How often the server looks for disabled users among those online and logs them out (they
+    are also refused at every login); 0: only at login."""
     agent: str = "imkit"
     max_devices: int = 10
     """Devices of one user logged in at once."""

@@ -80,6 +80,19 @@ class IStore(Interface):
     def list_users():
         """Deferred[list[str]]: every user name, sorted."""
 
+    def set_disabled(name, disabled):
+        """
+        Disable (``disabled`` true) or enable a user.  Disabling also forgets every resume token
+        of the user, in the same transaction.  Deferred[int]: how many tokens were forgotten;
+        fails with UnknownUser.  A disabled user keeps everything else (messages, memberships).
+        """
+
+    def is_disabled(name):
+        """Deferred[bool]: whether the user is disabled (False for a user that does not exist)."""
+
+    def disabled_users():
+        """Deferred[list[str]]: every disabled user, sorted."""
+
     # Messages ----------------------------------------------------------------------------------
 
     def append(submission, policy, flags=()):
@@ -193,3 +206,33 @@ class IStore(Interface):
 
     def revoke_tokens(user, device=None):
         """Forget the tokens of one device of ``user``, or of all its devices. Deferred[int]: how many."""
+
+    # Key directory (end-to-end encryption: imkit.server.keys) --------------------------------
+    #
+    # Only public keys, as ``imkit.wire.packets.DeviceKeys`` and ``OneTimeKey`` values; the server
+    # has checked their signatures before they get here.
+
+    def publish_keys(keys, limit):
+        """
+        Publish the identity keys of device ``keys.device`` of user ``keys.user`` (a DeviceKeys),
+        replacing what it published before; if its identity key changed, its unclaimed one-time
+        keys are dropped first (they belonged to the old identity).  ``keys.one_time_keys`` are
+        added to its unclaimed ones, skipping key ids it already has, until it has ``limit``.
+        All in one transaction.  Deferred[int]: how many unclaimed one-time keys it has now.
+        """
+
+    def device_keys(users):
+        """
+        Deferred[list[DeviceKeys]]: the published keys of every device of the named users, sorted
+        by user and device, with no one-time keys.
+        """
+
+    def claim_one_time_keys(devices):
+        """
+        Hand out one unclaimed one-time key of each (user, device) in ``devices``, the oldest
+        published, and forget it so that nobody gets it again.  Deferred[dict[tuple[str, str],
+        OneTimeKey]]: by (user, device); devices with none left are missing.
+        """
+
+    def remove_device_keys(user, device=None):
+        """Forget the published keys of one device of ``user``, or of all its devices. Deferred[int]: how many devices."""

@@ -8,6 +8,7 @@ user where it left them.  Every method answers with an already-fired Deferred.
 
 from __future__ import annotations
 
+import hmac
 from typing import Any, Callable
 
 import attrs
@@ -19,6 +20,7 @@ from imkit.model import Appended, Message, Submission, direct_members
 from imkit.rules import Decision, Policy
 from imkit.store.interface import Flag, IStore, ItemFlag, UnknownMessage, UnknownUser, UserExists
 from imkit.wire import schema
+from imkit.wire.packets import DeviceKeys, OneTimeKey
 
 DEFAULT_POLICY = Policy()
 
@@ -119,8 +121,12 @@ class MemoryStore:
         self._cursors: dict[tuple[str, str], dict[str, int]] = {}
         self._next_server_id = 1
         self._tokens: dict[tuple[str, str], tuple[str, int]] = {}
+        self._disabled: set[str] = set()
         self._flags: dict[tuple[int, str], Flag] = {}
         """(server_id, checker) -> the mark that checker left on that message."""
+        self._device_keys: dict[tuple[str, str], DeviceKeys] = {}
+        self._one_time_keys: dict[tuple[str, str], dict[str, OneTimeKey]] = {}
+        """(user, device) -> its unclaimed one-time keys by key id, oldest first."""
 
     def open(self) -> defer.Deferred:
         return defer.succeed(None)
@@ -151,6 +157,27 @@ class MemoryStore:
 
     def list_users(self) -> defer.Deferred:
         return defer.succeed(sorted(self._users))
+
+    def set_disabled(self, name: str, disabled: bool) -> defer.Deferred:
+        return _answer(self._set_disabled, name, disabled)
+
+    def _set_disabled(self, name: str, disabled: bool) -> int:
+        if name not in self._users:
+            raise UnknownUser(name)
+        if not disabled:
+            self._disabled.discard(name)
+            return 0
+        self._disabled.add(name)
+        doomed = [key for key in self._tokens if key[0] == name]
+        for key in doomed:
+            del self._tokens[key]
+        return len(doomed)
+
+    def is_disabled(self, name: str) -> defer.Deferred:
+        return defer.succeed(name in self._disabled)
+
+    def disabled_users(self) -> defer.Deferred:
+        return defer.succeed(sorted(self._disabled))
 
     # Messages ----------------------------------------------------------------------------------
 
@@ -389,7 +416,7 @@ class MemoryStore:
 
     def token_owner(self, digest: str) -> defer.Deferred:
         for (user, device), (known, expires_at) in self._tokens.items():
-            if known == digest:
+            if hmac.compare_digest(known.encode(), digest.encode()):
                 return defer.succeed((user, device, expires_at))
         return defer.succeed(None)
 
@@ -397,6 +424,41 @@ class MemoryStore:
         doomed = [key for key in self._tokens if key[0] == user and (device is None or key[1] == device)]
         for key in doomed:
             del self._tokens[key]
+        return defer.succeed(len(doomed))
+
+    # Key directory -----------------------------------------------------------------------------
+
+    def publish_keys(self, keys: DeviceKeys, limit: int) -> defer.Deferred:
+        key = (keys.user, keys.device)
+        old = self._device_keys.get(key)
+        unclaimed = self._one_time_keys.setdefault(key, {})
+        if old is not None and old.identity_key != keys.identity_key:
+            unclaimed.clear()
+        self._device_keys[key] = attrs.evolve(keys, one_time_keys=())
+        for one in keys.one_time_keys:
+            if len(unclaimed) >= limit:
+                break
+            unclaimed.setdefault(one.key_id, one)
+        return defer.succeed(len(unclaimed))
+
+    def device_keys(self, users: Any) -> defer.Deferred:
+        wanted = set(users)
+        return defer.succeed([keys for key, keys in sorted(self._device_keys.items()) if key[0] in wanted])
+
+    def claim_one_time_keys(self, devices: Any) -> defer.Deferred:
+        claimed = {}
+        for key in devices:
+            key = tuple(key)
+            unclaimed = self._one_time_keys.get(key)
+            if key not in claimed and unclaimed:
+                claimed[key] = unclaimed.pop(next(iter(unclaimed)))
+        return defer.succeed(claimed)
+
+    def remove_device_keys(self, user: str, device: str | None = None) -> defer.Deferred:
+        doomed = [key for key in self._device_keys if key[0] == user and (device is None or key[1] == device)]
+        for key in doomed:
+            del self._device_keys[key]
+            self._one_time_keys.pop(key, None)
         return defer.succeed(len(doomed))
 
 

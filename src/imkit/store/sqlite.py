@@ -37,8 +37,9 @@ from imkit.rules import Decision, Group, Membership, Policy
 from imkit.store.interface import Flag, IStore, ItemFlag, StoreError, UnknownMessage, UnknownUser, UserExists
 from imkit.store.memory import DEFAULT_POLICY, check_flags, check_mark, check_submission
 from imkit.wire import schema
+from imkit.wire.packets import DeviceKeys, OneTimeKey
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 
 _SCHEMA = (
     "CREATE TABLE users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL)",
@@ -98,7 +99,25 @@ _FLAGS_TABLES = (
     " PRIMARY KEY (server_id, checker)) WITHOUT ROWID",
     "CREATE INDEX flags_by_conversation ON flags (conversation, seq)",
 )
-_SCHEMA = _SCHEMA + (_TOKENS_TABLE,) + _CONVERSATION_TABLES + _FLAGS_TABLES
+_DISABLED_USERS = (
+    # Disabled users (``imkit user disable``) cannot log in; the server looks for them often, so
+    # a partial index holds just them.
+    "ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX users_disabled ON users (name) WHERE disabled != 0",
+)
+_KEY_TABLES = (
+    # End-to-end encryption's key directory (imkit.server.keys): public keys only.
+    "CREATE TABLE device_keys ("
+    " user TEXT NOT NULL, device TEXT NOT NULL, identity_key TEXT NOT NULL,"
+    " signing_key TEXT NOT NULL, signature TEXT NOT NULL,"
+    " PRIMARY KEY (user, device)) WITHOUT ROWID",
+    # Unclaimed one-time keys, handed out oldest (lowest id) first.
+    "CREATE TABLE one_time_keys ("
+    " id INTEGER PRIMARY KEY, user TEXT NOT NULL, device TEXT NOT NULL,"
+    " key_id TEXT NOT NULL, key TEXT NOT NULL, signature TEXT NOT NULL,"
+    " UNIQUE (user, device, key_id))",
+)
+_SCHEMA = _SCHEMA + (_TOKENS_TABLE,) + _CONVERSATION_TABLES + _FLAGS_TABLES + _DISABLED_USERS + _KEY_TABLES
 
 _MIGRATIONS = {
     1: (_TOKENS_TABLE,),  # version 1 -> 2: resume tokens
@@ -114,6 +133,8 @@ _MIGRATIONS = {
     )
     + _CONVERSATION_TABLES,
     3: _FLAGS_TABLES,  # version 3 -> 4: content flags
+    4: _DISABLED_USERS,  # version 4 -> 5: disabled users
+    5: _KEY_TABLES,  # version 5 -> 6: the key directory of end-to-end encryption
 }
 """Statements that bring a database from the version (key) to the next one."""
 
@@ -203,6 +224,23 @@ def _set_password_hash(connection: sqlite3.Connection, name: str, password_hash:
 
 def _list_users(connection: sqlite3.Connection) -> list[str]:
     return [row[0] for row in connection.execute("SELECT name FROM users ORDER BY name")]
+
+
+def _set_disabled(connection: sqlite3.Connection, name: str, disabled: bool) -> int:
+    if not connection.execute("UPDATE users SET disabled = ? WHERE name = ?", (1 if disabled else 0, name)).rowcount:
+        raise UnknownUser(name)
+    if not disabled:
+        return 0
+    return connection.execute("DELETE FROM tokens WHERE user = ?", (name,)).rowcount
+
+
+def _is_disabled(connection: sqlite3.Connection, name: str) -> bool:
+    row = connection.execute("SELECT disabled FROM users WHERE name = ?", (name,)).fetchone()
+    return bool(row and row[0])
+
+
+def _disabled_users(connection: sqlite3.Connection) -> list[str]:
+    return [row[0] for row in connection.execute("SELECT name FROM users WHERE disabled != 0 ORDER BY name")]
 
 
 class SQLiteView:
@@ -588,6 +626,64 @@ def _revoke_tokens(connection: sqlite3.Connection, user: str, device: str | None
     return connection.execute("DELETE FROM tokens WHERE user = ? AND device = ?", (user, device)).rowcount
 
 
+def _publish_keys(connection: sqlite3.Connection, keys: DeviceKeys, limit: int) -> int:
+    row = connection.execute(
+        "SELECT identity_key FROM device_keys WHERE user = ? AND device = ?", (keys.user, keys.device)
+    ).fetchone()
+    if row is not None and row[0] != keys.identity_key:
+        connection.execute("DELETE FROM one_time_keys WHERE user = ? AND device = ?", (keys.user, keys.device))
+    connection.execute(
+        "INSERT OR REPLACE INTO device_keys (user, device, identity_key, signing_key, signature) VALUES (?, ?, ?, ?, ?)",
+        (keys.user, keys.device, keys.identity_key, keys.signing_key, keys.signature),
+    )
+    count = _one_time_key_count(connection, keys.user, keys.device)
+    for one in keys.one_time_keys:
+        if count >= limit:
+            break
+        count += connection.execute(
+            "INSERT OR IGNORE INTO one_time_keys (user, device, key_id, key, signature) VALUES (?, ?, ?, ?, ?)",
+            (keys.user, keys.device, one.key_id, one.key, one.signature),
+        ).rowcount
+    return count
+
+
+def _one_time_key_count(connection: sqlite3.Connection, user: str, device: str) -> int:
+    return connection.execute("SELECT count(*) FROM one_time_keys WHERE user = ? AND device = ?", (user, device)).fetchone()[0]
+
+
+def _device_keys(connection: sqlite3.Connection, users: list[str]) -> list[DeviceKeys]:
+    found = []
+    for user in sorted(set(users)):
+        rows = connection.execute(
+            "SELECT user, device, identity_key, signing_key, signature FROM device_keys WHERE user = ? ORDER BY device", (user,)
+        )
+        found.extend(DeviceKeys(*row) for row in rows)
+    return found
+
+
+def _claim_one_time_keys(connection: sqlite3.Connection, devices: list[tuple[str, str]]) -> dict[tuple[str, str], OneTimeKey]:
+    claimed: dict[tuple[str, str], OneTimeKey] = {}
+    for user, device in devices:
+        if (user, device) in claimed:
+            continue
+        row = connection.execute(
+            "SELECT id, key_id, key, signature FROM one_time_keys WHERE user = ? AND device = ? ORDER BY id LIMIT 1",
+            (user, device),
+        ).fetchone()
+        if row is not None:
+            connection.execute("DELETE FROM one_time_keys WHERE id = ?", (row[0],))
+            claimed[(user, device)] = OneTimeKey(row[1], row[2], row[3])
+    return claimed
+
+
+def _remove_device_keys(connection: sqlite3.Connection, user: str, device: str | None) -> int:
+    if device is None:
+        connection.execute("DELETE FROM one_time_keys WHERE user = ?", (user,))
+        return connection.execute("DELETE FROM device_keys WHERE user = ?", (user,)).rowcount
+    connection.execute("DELETE FROM one_time_keys WHERE user = ? AND device = ?", (user, device))
+    return connection.execute("DELETE FROM device_keys WHERE user = ? AND device = ?", (user, device)).rowcount
+
+
 def _cursors(connection: sqlite3.Connection, user: str, device: str) -> dict[str, int]:
     rows = connection.execute(
         "SELECT conversation, seq FROM cursors WHERE user = ? AND device = ?", (user, device)
@@ -907,6 +1003,15 @@ class SQLiteStore:
     def list_users(self) -> defer.Deferred:
         return self._submit(_list_users, write=False)
 
+    def set_disabled(self, name: str, disabled: bool) -> defer.Deferred:
+        return self._submit(_set_disabled, name, bool(disabled), write=True)
+
+    def is_disabled(self, name: str) -> defer.Deferred:
+        return self._submit(_is_disabled, name, write=False)
+
+    def disabled_users(self) -> defer.Deferred:
+        return self._submit(_disabled_users, write=False)
+
     def append(self, submission: Submission, policy: Policy = DEFAULT_POLICY, flags: Any = ()) -> defer.Deferred:
         try:
             check_submission(submission)
@@ -975,6 +1080,18 @@ class SQLiteStore:
 
     def cursors(self, user: str, device: str) -> defer.Deferred:
         return self._submit(_cursors, user, device, write=False)
+
+    def publish_keys(self, keys: DeviceKeys, limit: int) -> defer.Deferred:
+        return self._submit(_publish_keys, keys, limit, write=True)
+
+    def device_keys(self, users: Any) -> defer.Deferred:
+        return self._submit(_device_keys, list(users), write=False)
+
+    def claim_one_time_keys(self, devices: Any) -> defer.Deferred:
+        return self._submit(_claim_one_time_keys, [tuple(device) for device in devices], write=True)
+
+    def remove_device_keys(self, user: str, device: str | None = None) -> defer.Deferred:
+        return self._submit(_remove_device_keys, user, device, write=True)
 
     # The worker thread -------------------------------------------------------------------------
 

@@ -278,6 +278,80 @@ class QueryResult:
     entries: tuple[Entry, ...]
 
 
+@attrs.frozen
+class OneTimeKey:
+    """A Curve25519 one-time key of a device, signed by the device's Ed25519 signing key."""
+
+    key_id: str
+    key: str
+    signature: str
+
+
+@attrs.frozen
+class DeviceKeys:
+    """
+    A device's public identity keys (Curve25519 ``identity_key``, Ed25519 ``signing_key``) and
+    its ``signature`` of them with the signing key, over ``imkit.e2ee.device_statement``.  In
+    KeysUpload ``one_time_keys`` are new keys to publish; in KeysResult, the one claimed for the
+    asker (if it asked, and the device had one left).
+    """
+
+    user: str
+    device: str
+    identity_key: str
+    signing_key: str
+    signature: str
+    one_time_keys: tuple[OneTimeKey, ...] = ()
+
+
+@attrs.frozen
+class KeyRequest:
+    """
+    The keys of one device of ``user`` (every device, if ``device`` is empty); with ``claim``,
+    one of each answered device's one-time keys too, which the server hands out only once.
+    """
+
+    claim: bool
+    user: str
+    device: str
+
+
+@attrs.frozen
+class KeysUpload:
+    """
+    Publish the logged-in device's keys.  ``keys.user`` and ``keys.device`` must be the
+    session's own (else NOT_ALLOWED); the signatures must verify (else INVALID_OPERATION).
+    New identity keys replace the device's old ones and drop its unclaimed one-time keys.
+    Answered by a KeysResult whose ``unclaimed`` counts the device's one-time keys on the server.
+    """
+
+    request_id: int
+    keys: DeviceKeys
+
+
+@attrs.frozen
+class KeysQuery:
+    """
+    Fetch the published keys of other devices (end-to-end encryption, docs/e2ee.rst), claiming
+    one-time keys where asked: answered by a KeysResult listing the devices found, sorted by user
+    and device (users without published keys have none).
+    """
+
+    request_id: int
+    requests: tuple[KeyRequest, ...]
+
+
+@attrs.frozen
+class KeysResult:
+    """The answer to KeysUpload or KeysQuery; ``status`` is an ErrorCode (non-zero: ``reason`` says why)."""
+
+    request_id: int
+    status: int
+    unclaimed: int
+    reason: str
+    devices: tuple[DeviceKeys, ...]
+
+
 PACKET_CLASSES = {
     schema.HELLO: Hello,
     schema.HELLO_OK: HelloOk,
@@ -306,6 +380,9 @@ PACKET_CLASSES = {
     schema.PRESENCE_NOTICE: PresenceNotice,
     schema.QUERY: Query,
     schema.QUERY_RESULT: QueryResult,
+    schema.KEYS_UPLOAD: KeysUpload,
+    schema.KEYS_QUERY: KeysQuery,
+    schema.KEYS_RESULT: KeysResult,
 }
 """Packet kind -> packet class."""
 
@@ -319,5 +396,8 @@ RECORD_CLASSES = {
     id(schema.READ_COUNT): ReadCount,
     id(schema.READ_MARK): ReadMark,
     id(schema.ENTRY): Entry,
+    id(schema.ONE_TIME_KEY): OneTimeKey,
+    id(schema.DEVICE_KEYS): DeviceKeys,
+    id(schema.KEY_REQUEST): KeyRequest,
 }
 """Nested record declarations -> the value class they decode into."""

@@ -115,6 +115,30 @@ ENTRY = Struct(
     "detail" / str16,
 )
 
+# End-to-end encryption's key directory (docs/e2ee.rst).  Keys, signatures and key ids are
+# unpadded base64, as the client's crypto library (vodozemac) writes them.
+
+ONE_TIME_KEY = Struct(
+    "key_id" / str8,
+    "key" / str8,
+    "signature" / str8,
+)
+
+DEVICE_KEYS = Struct(
+    "user" / str16,
+    "device" / str16,
+    "identity_key" / str8,
+    "signing_key" / str8,
+    "signature" / str8,
+    "one_time_keys" / PrefixedArray(Int16ub, ONE_TIME_KEY),
+)
+
+KEY_REQUEST = Struct(
+    "claim" / Flag,
+    "user" / str16,
+    "device" / str16,
+)
+
 HELLO = 0x01
 HELLO_OK = 0x02
 LOGIN = 0x03
@@ -142,6 +166,9 @@ PRESENCE = 0x18
 PRESENCE_NOTICE = 0x19
 QUERY = 0x1A
 QUERY_RESULT = 0x1B
+KEYS_UPLOAD = 0x1C
+KEYS_QUERY = 0x1D
+KEYS_RESULT = 0x1E
 
 BODIES = {
     HELLO: Struct(
@@ -281,6 +308,21 @@ BODIES = {
         "reason" / str16,
         "entries" / PrefixedArray(Int16ub, ENTRY),
     ),
+    KEYS_UPLOAD: Struct(
+        "request_id" / Int32ub,
+        "keys" / DEVICE_KEYS,
+    ),
+    KEYS_QUERY: Struct(
+        "request_id" / Int32ub,
+        "requests" / PrefixedArray(Int16ub, KEY_REQUEST),
+    ),
+    KEYS_RESULT: Struct(
+        "request_id" / Int32ub,
+        "status" / Int16ub,
+        "unclaimed" / Int32ub,
+        "reason" / str16,
+        "devices" / PrefixedArray(Int16ub, DEVICE_KEYS),
+    ),
 }
 """Packet kind -> construct declaration of its body."""
 
@@ -316,13 +358,16 @@ DIRECTION = {
     PRESENCE_NOTICE: SERVER_TO_CLIENT,
     QUERY: CLIENT_TO_SERVER,
     QUERY_RESULT: SERVER_TO_CLIENT,
+    KEYS_UPLOAD: CLIENT_TO_SERVER,
+    KEYS_QUERY: CLIENT_TO_SERVER,
+    KEYS_RESULT: SERVER_TO_CLIENT,
 }
 """Packet kind -> which peer sends it (the sessions' tables of accepted kinds agree)."""
 
 # Field values with a fixed meaning.
 
 LOGIN_PASSWORD = 1
-"""``secret`` is the user's password, in UTF-8."""
+"""``secret`` is the user's password, in UTF-8. After too many failed attempts for the name or from the address the server answers RATE_LIMITED, unchecked, with a reason saying in how many seconds to try again; a disabled account's right password gets AUTH_FAILED "this account is disabled"."""
 LOGIN_TOKEN = 2
 """``secret`` is the resume token from the last ``LoginResult`` (each login rotates it; an expired
 or revoked one is refused with AUTH_FAILED, and the client logs in with its password again)."""
