@@ -16,12 +16,15 @@ import sys
 import tempfile
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import test_client_protocol as fakes
 from imkit import cli
-from imkit.client import ClientSettings, IMClient, LoginFailed
+from imkit.client import ClientSettings, IMClient, LoginFailed, describe
+from imkit.model import Message
 from imkit.passwords import Passwords
 from imkit.store import SQLiteStore
 from imkit.wire import packets
@@ -757,3 +760,13 @@ class GroupCommandTests(ServerCommandTests):
             "imkit group members: refused (NOT_A_MEMBER): you are not a member of that group; "
             "check the group or conversation id: imkit group list shows the groups you are in"
         ])
+
+
+@given(
+    body=st.binary(max_size=40),
+    content_type=st.sampled_from(["text/plain; charset=utf-8", "application/octet-stream", "imkitx/plain"]),
+)
+def test_listen_lines_of_ordinary_messages_are_what_describe_says(body: bytes, content_type: str) -> None:
+    """``imkit listen`` spells out the common case for speed; it must say exactly what describe() does."""
+    message = Message(7, "dm:alice:bob", 3, "alice", "phone", 99, 1_700_000_000_000, content_type, body, 0)
+    assert json.loads(cli.message_json(message)) == describe(message).to_json()

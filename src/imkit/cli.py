@@ -47,7 +47,7 @@ from imkit.client import (
 )
 from imkit.client.endpoint import development_ca, tls_endpoint
 from imkit.tls import TLSConfigError
-from imkit.wire.schema import DEFAULT_MAX_FRAME
+from imkit.wire.schema import DEFAULT_MAX_FRAME, OPERATION_PREFIX
 
 _COMMANDS = {
     "imkit": "user, contact, group, send or listen",
@@ -211,6 +211,7 @@ def _build_parser() -> argparse.ArgumentParser:
     target.add_argument("--group", type=_group_id, metavar="ID", help="send to this group (an id from imkit group list)")
     send.add_argument("text", nargs="?", metavar="TEXT", help="the message (default: read lines from standard input)")
     send.add_argument("--device", default="cli-send", help="device name (default cli-send)")
+    send.add_argument("--e2ee", action="store_true", help=_E2EE_HELP.format(verb="encrypt the messages end to end"))
     _timeout(send, "a message is not acknowledged")
 
     listen = commands.add_parser(
@@ -237,7 +238,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--idle-exit", type=_positive_float, metavar="SECONDS", help="exit after SECONDS without a message (counted from the end of the catch-up)"
     )
     listen.add_argument("--device", default="cli-listen", help="device name (default cli-listen)")
+    listen.add_argument("--e2ee", action="store_true", help=_E2EE_HELP.format(verb="decrypt end-to-end encrypted messages"))
     return parser
+
+
+_E2EE_HELP = (
+    "{verb} (docs/e2ee.rst); this device's keys live in $IMKIT_KEY_FILE (default "
+    "~/.local/share/imkit/keys/USER@SERVER/DEVICE.keys, mode 0600), encrypted with $IMKIT_KEY_PASSPHRASE if it is set"
+)
 
 
 _RECEIPT_OUTPUT = 'Prints the server\'s receipt as a JSON line: {"id": SERVER_ID, "conversation": ID, "seq": N}.'
@@ -546,7 +554,18 @@ def _client(args: argparse.Namespace, settings: ClientSettings = ClientSettings(
     except TLSConfigError as error:
         # imkit.tls names the server's option for the CA file; ours is --ca.
         raise UsageError(str(error).replace("--tls-ca", "--ca")) from None
-    return IMClient(endpoint, args.user, args.password, args.device, settings=settings, state_path=state_path, reactor=reactor)
+    e2ee = None
+    if getattr(args, "e2ee", False):
+        from imkit.client.e2ee import E2EEOptions, default_key_file
+
+        key_file = os.environ.get("IMKIT_KEY_FILE") or default_key_file(args.user, args.device, args.server)
+        e2ee = E2EEOptions(key_file, passphrase=os.environ.get("IMKIT_KEY_PASSPHRASE") or None)
+    try:
+        return IMClient(
+            endpoint, args.user, args.password, args.device, settings=settings, state_path=state_path, reactor=reactor, e2ee=e2ee
+        )
+    except IMClientError as error:  # an unreadable key file
+        raise UsageError(str(error)) from None
 
 
 def _prepare_send(args: argparse.Namespace) -> Job:
@@ -935,7 +954,23 @@ def message_json(message: Message) -> str:
     "message" and keeps the keys scripts read (conversation, seq, id, sender, body as text,
     sent_at); an operation has its own kind and fields (users, title, target, seconds).
     """
-    return json.dumps(describe(message).to_json())
+    content_type = message.content_type
+    if content_type.startswith(OPERATION_PREFIX):
+        return json.dumps(describe(message).to_json())
+    # The common case, spelled out: the same dict describe() builds, at half the cost per line.
+    return json.dumps(
+        {
+            "kind": "message",
+            "conversation": message.conversation,
+            "seq": message.seq,
+            "sender": message.sender,
+            "sender_device": message.sender_device,
+            "id": message.server_id,
+            "sent_at": message.sent_at,
+            "content_type": content_type,
+            "body": message.body.decode("utf-8", "replace"),
+        }
+    )
 
 
 async def listen_until(reactor: Any, client: IMClient, out: Any, *, count: int | None = None, idle_exit: float | None = None) -> None:

@@ -110,6 +110,9 @@ class IMClient(Service):
     (and messages handed to the application just before a crash may be skipped).
     ``password`` None logs in with the TLS client certificate of ``endpoint`` instead
     (``tls_endpoint(..., client_cert=, client_key=)``; the certificate's common name must be ``user``).
+    ``e2ee`` turns on end-to-end encryption (docs/e2ee.rst): the path of this device's key file,
+    an ``imkit.client.e2ee.E2EEOptions``, or True (keys in memory only); ``client.e2ee`` is then
+    the device's ``DeviceCrypto``.
     """
 
     log = Logger()
@@ -125,6 +128,7 @@ class IMClient(Service):
         state_path: str | None = None,
         reactor: Any = None,
         rng: random.Random | None = None,
+        e2ee: Any = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -166,6 +170,12 @@ class IMClient(Service):
             clock=reactor,
             prepareConnection=self._prepare_connection,
         )
+        self.e2ee: Any = None
+        """End-to-end encryption (``imkit.client.e2ee.DeviceCrypto``), or None."""
+        if e2ee:
+            from imkit.client.e2ee import DeviceCrypto
+
+            self.e2ee = DeviceCrypto(self, e2ee)
 
     # Service -----------------------------------------------------------------------------------
 
@@ -263,6 +273,8 @@ class IMClient(Service):
         in order.
         """
         target_type, target = _target(to, conversation, group)
+        if self.e2ee is not None:
+            return self.e2ee.send(target_type, target, (Item(content_type, _bytes(body)),))
         return self._submit(lambda: self._core.send(target_type, target, content_type, _bytes(body)))
 
     def send_bundle(
@@ -278,6 +290,8 @@ class IMClient(Service):
         bundle = tuple(item if isinstance(item, Item) else Item(item[0], _bytes(item[1])) for item in items)
         if not bundle:
             raise ValueError("a bundle needs at least one item")
+        if self.e2ee is not None:
+            return self.e2ee.send(target_type, target, bundle)
         return self._submit(lambda: self._core.send_bundle(target_type, target, bundle))
 
     def send_packet(
@@ -366,6 +380,8 @@ class IMClient(Service):
 
     def edit(self, conversation: str, seq: int, body: bytes | str, content_type: str = TEXT) -> Deferred[Receipt]:
         """Replace our message ``seq`` (within the server's edit window); devices show the newest edit."""
+        if self.e2ee is not None:
+            return self.e2ee.send(TARGET_CONVERSATION, conversation, (Item(content_type, _bytes(body)),), edit_of=seq)
         return self._operation(operations.edit(seq, content_type, _bytes(body)), conversation=conversation)
 
     def set_retention(self, conversation: str, seconds: int) -> Deferred[Receipt]:
@@ -429,11 +445,13 @@ class IMClient(Service):
             return fail(ConnectionLost("not connected to the server; wait for loggedIn() and ask again"))
         return self._queries.ask(make, answer_type, parse)
 
-    def _submit(self, queue: Any) -> Deferred[Receipt]:
+    def _submit(self, queue: Any, in_order: bool = True) -> Deferred[Receipt]:
         if self._failure is not None:
             return fail(self._failure)
         if self._stopped:
             return fail(ClientStopped("the client is stopped; start it before sending"))
+        if in_order and self.e2ee is not None and self.e2ee.sending:
+            return self.e2ee.in_order(queue)  # behind the sends still being encrypted
         client_msg_id = queue()
         sent: Deferred[Receipt] = Deferred(lambda _: self._cancel_send(client_msg_id))
         self._sends[client_msg_id] = sent
@@ -454,6 +472,8 @@ class IMClient(Service):
             self._offline_timer.arm()
 
     def _fail_pending(self, error: IMClientError) -> None:
+        if self.e2ee is not None:
+            self.e2ee.fail_pending(error)
         sends, self._sends = self._sends, {}
         for client_msg_id, sent in sends.items():
             self._core.cancel(client_msg_id)
@@ -560,7 +580,7 @@ class IMClient(Service):
         for event in found:
             kind = type(event)
             if kind is events.MessagesDelivered:
-                self._handoff.deliver(event.messages)
+                self._handoff.deliver(event.messages if self.e2ee is None else self.e2ee.decrypt(event.messages))
             elif kind is events.SendAcknowledged:
                 sent = self._sends.pop(event.client_msg_id, None)
                 if sent is not None:
@@ -606,6 +626,8 @@ class IMClient(Service):
             self._core.request(self._presence)
         self._settle_login()
         self._login_waiters.fire()
+        if self.e2ee is not None:
+            self.e2ee.logged_in()
 
     def _on_login_rejected(self, protocol: IMClientProtocol, event: events.LoginRejected) -> None:
         code = error_code(event.code)
