@@ -739,7 +739,11 @@ class GroupCommandTests(ServerCommandTests):
 
     @defer.inlineCallbacks
     def test_console_script(self) -> Any:
-        """The real entry point in a child process: JSON on success and exit 0, one line and exit 1 on a refusal."""
+        """
+        The real entry point in a child process: JSON on success and exit 0, one line and exit 1 on a
+        refusal.  The two run at once, so they log in as two devices (a device's second login
+        replaces its first connection).
+        """
         from twisted.internet import reactor, utils
 
         env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), IMKIT_USER="alice", IMKIT_PASSWORD="alice-pw")
@@ -750,7 +754,7 @@ class GroupCommandTests(ServerCommandTests):
                 sys.executable, ["-c", "from imkit.cli import main; main()", *argv, *server], env=env, reactor=reactor
             )
 
-        created, refused = yield defer.gatherResults([imkit("group", "create", "lunch"), imkit("group", "members", "g:nosuchgroup")])
+        created, refused = yield defer.gatherResults([imkit("group", "create", "lunch"), imkit("group", "members", "g:nosuchgroup", "--device", "cli-group-2")])
         out, err, status = created
         self.assertEqual((status, err), (0, b""))
         self.assertTrue(json.loads(out)["group"].startswith("g:"))
