@@ -13,14 +13,15 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import ISSLTransport, IStreamClientEndpoint
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
-from twisted.test import iosim
 from twisted.trial import unittest
-from zope.interface import directlyProvides, implementer
+from zope.interface import directlyProvides
+
+from test_client_protocol import FakeReactor, HubEndpoint
 
 from imkit.client import ClientSettings, IMClient, development_ca, tls_endpoint
 from imkit.passwords import Passwords
@@ -572,39 +573,6 @@ class ClientCoreTests(unittest.SynchronousTestCase):
 
 
 # Against the real hub --------------------------------------------------------------------------
-
-
-class FakeThreadPool:
-    def callInThreadWithCallback(self, on_result: Any, function: Any, *args: Any, **kwargs: Any) -> None:
-        on_result(True, function(*args, **kwargs))
-
-
-class FakeReactor(Clock):
-    def getThreadPool(self) -> FakeThreadPool:
-        return FakeThreadPool()
-
-    def callFromThread(self, function: Any, *args: Any, **kwargs: Any) -> None:
-        function(*args, **kwargs)
-
-
-@implementer(IStreamClientEndpoint)
-class HubEndpoint:
-    def __init__(self, reactor: FakeReactor, server_factory: IMServerFactory) -> None:
-        self.reactor = reactor
-        self.server_factory = server_factory
-        self.pumps: list[iosim.IOPump] = []
-
-    def connect(self, factory: Any) -> defer.Deferred:
-        client = factory.buildProtocol(None)
-        server = self.server_factory.buildProtocol(None)
-        self.pumps.append(
-            iosim.connect(server, iosim.FakeTransport(server, True), client, iosim.FakeTransport(client, False), greet=False, clock=self.reactor)
-        )
-        return defer.succeed(client)
-
-    def pump(self) -> None:
-        for pump in self.pumps:
-            pump.flush()
 
 
 class ClientRetryTests(unittest.SynchronousTestCase):
