@@ -111,7 +111,6 @@ class Hub:
         self._ackable: weakref.WeakKeyDictionary[ServerConnection, set[str]] = weakref.WeakKeyDictionary()
         """connection -> conversations it may see, found when it first acknowledged them."""
         self.requests = Requests(self)
-        self.ephemeral = self.requests
         self.keys = KeyDirectory(self)
         """End-to-end encryption's key directory (``imkit.server.keys``)."""
 
@@ -130,7 +129,7 @@ class Hub:
                     del self._online[conn.user]
                     if not self._online:
                         self._stop_account_checks()
-                self.ephemeral.device_offline(conn)
+                self.requests.device_offline(conn)
         if conn.state != CLOSED:
             conn.close(ErrorCode.OK, "connection lost", say_bye=False)
 
@@ -245,7 +244,7 @@ class Hub:
         conn.accept_login(request.user, request.device, token)
         self._online.setdefault(request.user, {})[conn] = None
         self._start_account_checks()
-        self.ephemeral.device_online(conn)
+        self.requests.device_online(conn)
         # The connections this one replaces go once it is online: the user never went offline.
         for other, code, reason in leaving:
             other.close(code, reason)
