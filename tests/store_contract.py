@@ -472,6 +472,42 @@ class StoreContract:
         self.assertEqual(await self.store.head(AB), 4)
         self.assertEqual(await self.store.contacts("bob"), {})
 
+    async def test_append_many_is_appends_in_order(self) -> None:
+        """append_many answers each submission as append would, refusals and duplicates alone."""
+        first = self.sub(AB, "1")
+        await self.store.append(first)
+        batch = [
+            self.sub(AB, "2"),
+            self.sub(AB, operations.contact_block(), sender="bob"),
+            self.sub(AB, "3"),  # blocked now
+            first,  # a resend: the original answer
+            self.sub(AC, "4", "5"),
+            self.sub("g:none", "6"),
+            submission(-1),  # not a valid client id
+            self.sub(AB, operations.contact_unblock(), sender="bob"),
+            self.sub(AB, "7"),
+        ]
+        outcomes = await self.store.append_many(batch, Policy())
+        self.assertEqual(len(outcomes), len(batch))
+        kinds = [type(outcome).__name__ for outcome in outcomes]
+        self.assertEqual(kinds, ["Appended", "Appended", "Refused", "Appended", "Appended", "Refused", "ValueError", "Appended", "Appended"])
+        self.assertEqual([outcomes[i].code for i in (2, 5)], [ErrorCode.NOT_ALLOWED, ErrorCode.NOT_A_MEMBER])
+        self.assertTrue(outcomes[3].duplicate)
+        self.assertEqual(outcomes[3].messages[0].seq, 1)
+        self.assertEqual([m.seq for m in outcomes[4].messages], [1, 2])
+        self.assertEqual([outcomes[i].messages[0].seq for i in (0, 1, 7, 8)], [2, 3, 4, 5])
+        self.assertEqual(
+            [m.body for m in await self.store.read(AB, 0, 10) if m.content_type == "text/plain"], [b"1", b"2", b"7"]
+        )
+        self.assertEqual(await self.store.append_many([], Policy()), [])
+
+    async def test_append_many_then_append_keeps_issue_order(self) -> None:
+        many = self.store.append_many([self.sub(AB, b"%d" % i) for i in range(50)], Policy())
+        single = self.store.append(self.sub(AB, "last"))
+        outcomes = await many
+        self.assertEqual([o.messages[0].seq for o in outcomes], list(range(1, 51)))
+        self.assertEqual((await single).messages[0].seq, 51)
+
     # Values ------------------------------------------------------------------------------------
 
     async def test_unsigned_64_bit_client_ids(self) -> None:

@@ -46,6 +46,7 @@ from imkit.client import (
     describe,
 )
 from imkit.client.endpoint import development_ca, tls_endpoint
+from imkit.gc_tuning import tune_garbage_collector
 from imkit.tls import TLSConfigError
 from imkit.wire.schema import DEFAULT_MAX_FRAME, OPERATION_PREFIX
 
@@ -91,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         # ValueErrors here are the one-line ones of endpoint, TLS and store strings.
         parser.exit(2, f"{args.prog}: {error}\n")
     _start_logging(args.verbose)
+    tune_garbage_collector(collect=False)
     react(_run, (job, args.prog))
 
 

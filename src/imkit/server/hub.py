@@ -40,6 +40,7 @@ import attrs
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from imkit.checks import Rejected, SubmissionCheck
 from imkit.content.pipeline import ContentPipeline
@@ -97,6 +98,10 @@ class Hub:
         self.certificate_users: weakref.WeakKeyDictionary[ServerConnection, str] = weakref.WeakKeyDictionary()
         """connection -> the user its verified TLS client certificate names (set by the protocol)."""
         self._in_order: dict[tuple[str, str], deque] = {}
+        # While ``handle`` runs: the sends of that read that go straight to the store, handed
+        # over in one ``append_many`` (one Deferred for them all, not one each).
+        self._gathering: list[Submission] | None = None
+        self._gathering_for: ServerConnection | None = None
         self._refusals: OrderedDict[tuple[str, str, int], packets.SendAck] = OrderedDict()
         """The latest refusals by (user, device, client message id): a resend gets the same answer."""
         """(user, device) -> its sends waiting behind a slow check, oldest first."""
@@ -144,31 +149,49 @@ class Hub:
 
     def handle(self, conn: ServerConnection, found: Iterable[Any]) -> None:
         """React to the events one connection produced."""
-        for event in found:
-            kind = type(event)
-            if kind is events.SendRequested:
-                self._submit(conn, event.packet)
-            elif kind is events.DeliveryAcked:
-                self._record_cursor(conn, event.conversation, event.seq)
-            elif kind is events.SyncRequested:
-                self.limits.sync_requested(conn, event.packet, self._start_sync)
-            elif kind is events.LoginRequested:
-                refusal = self.limits.login_requested(conn, event.user, event.device)
-                if refusal is None:
-                    self._later(conn, self._login(conn, event))
+        outer = self._gathering, self._gathering_for
+        self._gathering, self._gathering_for = [], conn
+        try:
+            for event in found:
+                if type(event) is events.SendRequested:
+                    self._submit(conn, event.packet)
                 else:
-                    conn.reject_login(ErrorCode.TOO_MANY_CONNECTIONS, refusal)
-            elif kind is events.RequestReceived:
-                handler = self.keys if isinstance(event.packet, KEY_PACKETS) else self.requests
-                self._later(conn, handler.handle(conn, event.packet))
-            elif kind is events.WindowOpened:
-                self._later(conn, self._send_heads(conn, event.conversations))
-            elif kind is events.ConnectionClosing:
-                if event.code not in (ErrorCode.OK, ErrorCode.SHUTTING_DOWN):
-                    self.log.info(
-                        "closing {peer} ({user}): {reason}", peer=conn.peer, user=conn.user, reason=event.reason
-                    )
-                self.connection_lost(conn)
+                    self._hand_over(conn)  # whatever comes after the sends sees them stored
+                    self._react(conn, event)
+            self._hand_over(conn)
+        finally:
+            self._gathering, self._gathering_for = outer
+
+    def _hand_over(self, conn: ServerConnection) -> None:
+        """Give the store the sends gathered so far (before anything answers a later one)."""
+        gathering = self._gathering
+        if gathering and self._gathering_for is conn:
+            self._gathering = []
+            self._append_gathered(conn, gathering)
+
+    def _react(self, conn: ServerConnection, event: Any) -> None:
+        kind = type(event)
+        if kind is events.DeliveryAcked:
+            self._record_cursor(conn, event.conversation, event.seq)
+        elif kind is events.SyncRequested:
+            self.limits.sync_requested(conn, event.packet, self._start_sync)
+        elif kind is events.LoginRequested:
+            refusal = self.limits.login_requested(conn, event.user, event.device)
+            if refusal is None:
+                self._later(conn, self._login(conn, event))
+            else:
+                conn.reject_login(ErrorCode.TOO_MANY_CONNECTIONS, refusal)
+        elif kind is events.RequestReceived:
+            handler = self.keys if isinstance(event.packet, KEY_PACKETS) else self.requests
+            self._later(conn, handler.handle(conn, event.packet))
+        elif kind is events.WindowOpened:
+            self._later(conn, self._send_heads(conn, event.conversations))
+        elif kind is events.ConnectionClosing:
+            if event.code not in (ErrorCode.OK, ErrorCode.SHUTTING_DOWN):
+                self.log.info(
+                    "closing {peer} ({user}): {reason}", peer=conn.peer, user=conn.user, reason=event.reason
+                )
+            self.connection_lost(conn)
 
     def _later(self, conn: ServerConnection, coroutine: Any) -> None:
         d = defer.ensureDeferred(coroutine)
@@ -376,6 +399,7 @@ class Hub:
             if refusal is not None:
                 # A resend of something refused: the client has told its application "refused",
                 # so the answer stays the same even if the rules would now let it through.
+                self._hand_over(conn)
                 conn.ack(refusal)
                 return
         target_type = packet.target_type
@@ -437,6 +461,7 @@ class Hub:
         if limited is not None:
             # Not stored, not failed: sent again from retry_at (server time, ms), waiting_for first.
             retry_at, waiting_for = limited
+            self._hand_over(conn)
             conn.ack(packets.SendAck(packet.client_msg_id, int(ErrorCode.RATE_LIMITED), waiting_for, 0, retry_at, 0, "", "rate limited"))
             return
         submission = Submission(
@@ -445,7 +470,10 @@ class Hub:
         key = (sender, conn.device)
         waiting = self._in_order.get(key)
         if waiting is None and not self.checks and not self.content:
-            self._append(conn, submission)
+            if self._gathering_for is conn:
+                self._gathering.append(submission)  # type: ignore[union-attr]
+            else:
+                self._append(conn, submission)
             return
         # Checks may take a while: this device's later sends wait behind them, so the store still
         # gets every device's sends in the order the device sent them.
@@ -484,6 +512,7 @@ class Hub:
         return None
 
     def _refuse(self, conn: ServerConnection, cmid: int, code: ErrorCode, reason: str) -> None:
+        self._hand_over(conn)
         refusal = packets.SendAck(cmid, int(code), 0, 0, 0, 0, "", reason)
         refusals = self._refusals
         refusals[(conn.user, conn.device, cmid)] = refusal  # type: ignore[index]
@@ -500,6 +529,28 @@ class Hub:
             d = self.store.append(submission, self.policy)
         d.addErrback(self._note_refusal, conn, submission)
         d.addCallbacks(self._stored, self._not_stored, (conn,), None, (conn, submission.client_msg_id))
+
+    def _append_gathered(self, conn: ServerConnection, submissions: list[Submission]) -> None:
+        if len(submissions) == 1:
+            self._append(conn, submissions[0])
+            return
+        d = self.store.append_many(submissions, self.policy)
+        d.addCallbacks(self._stored_many, self._failed, (conn, submissions), None, (conn,))
+
+    def _stored_many(self, outcomes: list[Any], conn: ServerConnection, submissions: list[Submission]) -> None:
+        stored = self._stored
+        failed = None
+        for outcome, submission in zip(outcomes, submissions):
+            if type(outcome) is Appended:
+                stored(outcome, conn)  # even after a failure: the others still get what was stored
+            elif isinstance(outcome, (Refused, Rejected)):
+                if outcome.code in (ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.NOT_A_MEMBER):
+                    self.limits.missed(conn, submission.conversation)
+                self._refuse(conn, submission.client_msg_id, outcome.code, outcome.reason)
+            elif failed is None:
+                failed = outcome
+        if failed is not None:
+            self._failed(Failure(failed), conn)
 
     async def _run_checks(self, submission: Submission) -> tuple:
         """Raise Rejected, or return the content pipeline's flags for the store."""

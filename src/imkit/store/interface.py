@@ -118,6 +118,17 @@ class IStore(Interface):
         fail with ValueError, writing nothing.
         """
 
+    def append_many(submissions, policy):
+        """
+        Append several submissions, each as ``append(submission, policy)`` would, in the order
+        given: Deferred[list], one outcome per submission, its Appended or the exception
+        (``imkit.rules.Refused``, ValueError) that refused it alone.  The Deferred fails only if
+        the store cannot work at all.
+
+        It exists for speed: a server hands over every send one read from a connection brought in
+        as one call, so the store and the reactor pay for one Deferred, not one per message.
+        """
+
     def read(conversation, after_seq, limit):
         """
         Deferred[list[Message]]: messages of ``conversation`` with seq > after_seq in order, at

@@ -186,6 +186,15 @@ class MemoryStore:
             return _answer(self._append_flagged, submission, policy, flags)
         return _answer(self._append, submission, policy)
 
+    def append_many(self, submissions: Any, policy: Policy = DEFAULT_POLICY) -> defer.Deferred:
+        outcomes: list[Any] = []
+        for submission in submissions:
+            try:
+                outcomes.append(self._append(submission, policy))
+            except Exception as error:
+                outcomes.append(error)
+        return defer.succeed(outcomes)
+
     def _append_flagged(self, submission: Submission, policy: Policy, flags: Any) -> Appended:
         check_submission(submission)
         marks = check_flags(submission, flags)

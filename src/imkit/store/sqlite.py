@@ -706,6 +706,42 @@ class _Operation(NamedTuple):
     deferred: defer.Deferred
 
 
+class _Gathered:
+    """The outcomes of one ``append_many``, filled in on the reactor thread as its parts finish."""
+
+    __slots__ = ("deferred", "outcomes", "missing")
+
+    def __init__(self, deferred: defer.Deferred, outcomes: list[Any], missing: int) -> None:
+        self.deferred = deferred
+        self.outcomes = outcomes
+        self.missing = missing
+
+    def fill(self, index: int, outcome: Any) -> None:
+        self.outcomes[index] = outcome
+        self.missing -= 1
+        if not self.missing:
+            self.deferred.callback(self.outcomes)
+
+
+class _Part:
+    """
+    Stands in for the Deferred of one submission of an ``append_many``: the worker runs it as an
+    ordinary append (so it joins the fast path's runs), and its outcome goes to the gathering.
+    """
+
+    __slots__ = ("gathered", "index")
+
+    def __init__(self, gathered: _Gathered, index: int) -> None:
+        self.gathered = gathered
+        self.index = index
+
+    def callback(self, outcome: Any) -> None:
+        self.gathered.fill(self.index, outcome)
+
+    def errback(self, failure: Failure) -> None:
+        self.gathered.fill(self.index, failure.value)
+
+
 class _SlowPath(Exception):
     """The fast way of running a batch hit something unusual: run it the careful way."""
 
@@ -1022,6 +1058,24 @@ class SQLiteStore:
             # Not _append: the fast path's runs never take it, so it has its own savepoint.
             return self._submit(_append_flagged, submission, policy, marks, write=True)
         return self._submit(_append, submission, policy, write=True)
+
+    def append_many(self, submissions: Any, policy: Policy = DEFAULT_POLICY) -> defer.Deferred:
+        if self._state != "open":
+            return defer.fail(StoreClosed(f"{self.description} is not open"))
+        deferred: defer.Deferred = defer.Deferred()
+        outcomes: list[Any] = [None] * len(submissions)
+        gathered = _Gathered(deferred, outcomes, len(submissions))
+        put = self._queue.put
+        for index, submission in enumerate(submissions):
+            try:
+                check_submission(submission)
+            except ValueError as error:
+                gathered.fill(index, error)
+                continue
+            put(_Operation(_append, (submission, policy), True, _Part(gathered, index)))
+        if not submissions:
+            deferred.callback(outcomes)
+        return deferred
 
     def flag(self, server_id: int, checker: str, reason: str) -> defer.Deferred:
         try:
