@@ -166,6 +166,9 @@ def read_go_line(on_line: Callable[[str], None]) -> None:
 
 def imkit_client(reactor: Any, args: argparse.Namespace, user: str, device: str) -> Any:
     from imkit.client import ClientSettings, IMClient, tls_endpoint
+    from imkit.gc_tuning import tune_garbage_collector
+
+    tune_garbage_collector(collect=False)  # as imkit's own commands do; see imkit.gc_tuning
 
     settings = ClientSettings(send_timeout=args.timeout)
     return IMClient(tls_endpoint(reactor, args.server, CA), user, PASSWORD, device, settings=settings, reactor=reactor)

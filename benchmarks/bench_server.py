@@ -20,7 +20,6 @@ driver's own work subtracted), the other threads (the SQLite writer), and the to
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import resource
 import sys
@@ -35,6 +34,7 @@ from twisted.internet import defer, task  # noqa: E402
 from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
+from imkit.gc_tuning import tune_garbage_collector  # noqa: E402
 from imkit.model import direct_conversation  # noqa: E402
 from imkit.passwords import Passwords  # noqa: E402
 from imkit.server.service import IMServerService  # noqa: E402
@@ -156,7 +156,7 @@ async def run(reactor: Any, opts: argparse.Namespace) -> None:
         else:
             store = MemoryStore()
         passwords = Passwords.fast_for_tests()
-        settings = ServerSettings(send_rate=0, sync_rate=0, lookup_rate=0) if _has_rate_settings() else ServerSettings()
+        settings = ServerSettings(send_rate=0, sync_rate=0, lookup_rate=0)  # as the other benchmarks run it
         service = IMServerService(store, passwords, [], reactor, settings)
         service.startService()
         await service.whenListening()
@@ -164,9 +164,8 @@ async def run(reactor: Any, opts: argparse.Namespace) -> None:
             await store.add_user(user, await passwords.hash("bench-password"))
         driver = Driver(reactor, service, opts.count, opts.window, opts.read, opts.size)
         await driver.log_in()
-        if opts.freeze:
-            gc.collect()
-            gc.freeze()
+        if not opts.default_gc:
+            tune_garbage_collector()  # as twistd imkit does
         usage = resource.getrusage(resource.RUSAGE_SELF)
         before_threads = thread_seconds()
         before_reactor = time.thread_time()
@@ -186,13 +185,6 @@ async def run(reactor: Any, opts: argparse.Namespace) -> None:
     print(f"  total us/msg        {total * 1e6 / n:>10.1f}")
 
 
-def _has_rate_settings() -> bool:
-    import attrs
-
-    names = {field.name for field in attrs.fields(ServerSettings)}
-    return {"send_rate", "sync_rate", "lookup_rate"} <= names
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=20000, help="messages (default 20000)")
@@ -200,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--read", type=int, default=50, help="send frames per read (default 50)")
     parser.add_argument("--size", type=int, default=100, help="body bytes (default 100)")
     parser.add_argument("--store", choices=("sqlite", "memory"), default="sqlite")
-    parser.add_argument("--freeze", action="store_true", help="gc.freeze() before the timed part")
+    parser.add_argument("--default-gc", action="store_true", help="keep CPython's garbage collector settings (twistd imkit tunes them)")
     opts = parser.parse_args(argv)
     task.react(lambda reactor: defer.ensureDeferred(run(reactor, opts)))
 

@@ -538,19 +538,66 @@ class Hub:
         d.addCallbacks(self._stored_many, self._failed, (conn, submissions), None, (conn,))
 
     def _stored_many(self, outcomes: list[Any], conn: ServerConnection, submissions: list[Submission]) -> None:
-        stored = self._stored
         failed = None
+        # Consecutive single messages of one conversation go out together: each recipient's
+        # connection takes them in one call.
+        run: list[Message] = []
+        audience: Any = None
         for outcome, submission in zip(outcomes, submissions):
             if type(outcome) is Appended:
-                stored(outcome, conn)  # even after a failure: the others still get what was stored
+                # Fanned out even after a failure: the others still get what was stored.
+                messages = outcome.messages
+                first = messages[0]
+                conn.ack(
+                    packets.SendAck(
+                        first.client_msg_id, 0, first.server_id, first.seq, first.sent_at, len(messages), first.conversation, ""
+                    )
+                )
+                if outcome.duplicate:
+                    continue
+                if len(messages) == 1:
+                    if run and (
+                        first.conversation != run[0].conversation
+                        or (outcome.audience is not audience and outcome.audience != audience)
+                    ):
+                        self._fan_out_run(run, audience, conn)
+                        run = []
+                    run.append(first)
+                    audience = outcome.audience
+                    continue
+                if run:
+                    self._fan_out_run(run, audience, conn)
+                    run = []
+                self.fan_out(messages, outcome.audience, conn)
             elif isinstance(outcome, (Refused, Rejected)):
                 if outcome.code in (ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.NOT_A_MEMBER):
                     self.limits.missed(conn, submission.conversation)
                 self._refuse(conn, submission.client_msg_id, outcome.code, outcome.reason)
             elif failed is None:
                 failed = outcome
+        if run:
+            self._fan_out_run(run, audience, conn)
         if failed is not None:
             self._failed(Failure(failed), conn)
+
+    def _fan_out_run(self, run: list[Message], members: Iterable[str], origin: ServerConnection) -> None:
+        """fan_out for consecutive single messages of one conversation with one audience."""
+        members = tuple(members)
+        if self._fan_outs or len(members) > self.settings.fan_out_slice:
+            for message in run:
+                self.fan_out((message,), members, origin)
+            return
+        conversation = run[0].conversation
+        seqs = [message.seq for message in run]
+        frames = [_encode_deliver(packets.Deliver(message)) for message in run]
+        online = self._online
+        for member in members:
+            devices = online.get(member)
+            if not devices:
+                continue
+            for device in devices:
+                if device is not origin and device.state == READY:
+                    device.deliver_frames(conversation, seqs, frames)
 
     async def _run_checks(self, submission: Submission) -> tuple:
         """Raise Rejected, or return the content pipeline's flags for the store."""

@@ -67,6 +67,9 @@ class _Pending:
     """Written on this connection since the last rate-limit pause (else waiting in order)."""
 
 
+_MAX_ID = 2**63 - 1
+"""Client message ids run from 1 to this, then start again at 1."""
+
 _MAX_PAUSE = 3600.0
 """A RATE_LIMITED answer never pauses the outbox longer than this (whatever the server says)."""
 
@@ -104,8 +107,16 @@ class ClientCore:
         self.inbound = Inbound(delivered)
         self._server_cursors = delivered is None
         self._outbox: OrderedDict[int, _Pending] = OrderedDict()
-        self._expiry = DeadlineQueue()
+        # Send deadlines fall due in the order the sends were queued (a fixed timeout from then),
+        # and first resends in the order the sends were first written (a fixed delay per
+        # connection): FIFOs of (due, cmid, pending), an append each; an entry whose send was
+        # acknowledged, cancelled or written again meanwhile is dropped when it surfaces.  Only
+        # backed-off resends, each with its own delay, go into the heap of _timers.
+        self._expiry: deque[tuple[float, int, _Pending]] = deque()
+        self._first_resends: deque[tuple[float, int, _Pending]] = deque()
+        self._first_delay = settings.resend_initial
         self._timers = DeadlineQueue()
+        self._next_id: int | None = None  # drawn at the first send
         self._out: list[bytes] = []
         self._reader = FrameReader(settings.max_frame)
         self._heartbeat = 30.0
@@ -162,7 +173,6 @@ class ClientCore:
 
     def cancel(self, client_msg_id: int) -> bool:
         """Stop resending a send (it may already be stored). True if it was still pending."""
-        self._expiry.discard(client_msg_id)
         self._timers.discard(("resend", client_msg_id))
         pending = self._outbox.pop(client_msg_id, None)
         self._forget(client_msg_id, pending)
@@ -173,8 +183,12 @@ class ClientCore:
         return len(self._outbox)
 
     def _new_id(self) -> int:
+        # Consecutive from a random start: unique for this device across restarts as surely as
+        # random ids would be, without drawing a random number per send.
+        if self._next_id is None:
+            self._next_id = self._rng.getrandbits(63)
         while True:
-            cmid = self._rng.getrandbits(63) + 1
+            cmid = self._next_id = self._next_id % _MAX_ID + 1
             if cmid not in self._outbox:
                 return cmid
 
@@ -182,12 +196,12 @@ class ClientCore:
         frame = codec.encode(packet)
         if len(frame) - schema.LENGTH_SIZE > self._frame_limit():
             raise ValueError(f"message of {len(frame)} bytes is larger than the frame limit")
-        self._outbox[cmid] = _Pending(packet, frame)
+        pending = self._outbox[cmid] = _Pending(packet, frame)
         if self.settings.send_timeout is not None:
-            self._expiry.set(cmid, self.clock.seconds() + self.settings.send_timeout)
+            self._expiry.append((self.clock.seconds() + self.settings.send_timeout, cmid, pending))
         if self.state == READY:
             if self._window is None and self._paused_until is None:
-                self._transmit(cmid, self._outbox[cmid])
+                self._transmit(cmid, pending)
             else:
                 self._waiting.append(cmid)
                 self._pump()
@@ -202,11 +216,15 @@ class ClientCore:
         if pending.attempts:
             frame = frame[:5] + bytes([frame[5] | schema.FLAG_RESEND]) + frame[6:]
         self._write(frame)
+        pending.live = True
+        if not pending.attempts:
+            pending.attempts = 1
+            self._first_resends.append((self.clock.seconds() + self._first_delay, cmid, pending))
+            return
         settings = self.settings
         delay = min(settings.resend_initial * (2**pending.attempts), settings.resend_max)
         delay *= 1 + settings.resend_jitter * self._rng.random()
         pending.attempts += 1
-        pending.live = True
         self._timers.set(("resend", cmid), self.clock.seconds() + delay)
 
     # Rate limits -------------------------------------------------------------------------------
@@ -287,6 +305,10 @@ class ClientCore:
 
     def connection_made(self) -> None:
         self.state = AWAIT_HELLO_OK
+        # One jitter per connection, not per send: it spreads clients' resends apart, and keeps
+        # this connection's first resends in the order of their sends.
+        settings = self.settings
+        self._first_delay = min(settings.resend_initial, settings.resend_max) * (1 + settings.resend_jitter * self._rng.random())
         self._reader = FrameReader(self.settings.max_frame)
         self._out = []
         now = self.clock.seconds()
@@ -297,6 +319,7 @@ class ClientCore:
         """Forget everything tied to the connection; the outbox and positions stay."""
         self.state = DISCONNECTED
         self._timers.clear()
+        self._first_resends.clear()
         self._requests.clear()
         self._filling.clear()
         self._syncing = False
@@ -394,7 +417,6 @@ class ClientCore:
                     # The server drops the connection on a frame over its limit, on every
                     # reconnect: refuse it here, or it blocks every send behind it for ever.
                     del self._outbox[cmid]
-                    self._expiry.discard(cmid)
                     reason = f"message of {len(pending.frame)} bytes is larger than the server's frame limit"
                     found.append(events.SendRejected(cmid, packets.SendAck(cmid, int(ErrorCode.TOO_LARGE), 0, 0, 0, 0, "", reason)))
                 elif paced:
@@ -439,7 +461,6 @@ class ClientCore:
         if pending is None:
             return  # an answer to a resend we no longer wait for
         self._timers.discard(("resend", ack.client_msg_id))
-        self._expiry.discard(ack.client_msg_id)
         self._forget(ack.client_msg_id, pending)
         if self._window is not None:
             self._window += 1
@@ -561,26 +582,44 @@ class ClientCore:
         return b"".join(out)
 
     def next_deadline(self) -> float | None:
-        mine = self._timers.next()
-        expiry = self._expiry.next()
-        if mine is None:
-            return expiry
-        if expiry is None:
-            return mine
-        return min(mine, expiry)
+        found = [due for due in (self._timers.next(), self._first_expiry(), self._first_resend()) if due is not None]
+        return min(found) if found else None
+
+    def _first_expiry(self) -> float | None:
+        expiry = self._expiry
+        outbox = self._outbox
+        while expiry:
+            due, cmid, pending = expiry[0]
+            if outbox.get(cmid) is pending:
+                return due
+            expiry.popleft()  # acknowledged, cancelled or refused meanwhile
+        return None
+
+    def _first_resend(self) -> float | None:
+        resends = self._first_resends
+        outbox = self._outbox
+        while resends:
+            due, cmid, pending = resends[0]
+            if outbox.get(cmid) is pending and pending.live and pending.attempts == 1:
+                return due
+            resends.popleft()  # acknowledged, paused or written again meanwhile
+        return None
 
     def handle_timer(self) -> list[Any]:
         now = self.clock.seconds()
         found: list[Any] = []
-        for cmid in list(self._expiry.pop_due(now)):
-            expired = self._outbox.pop(cmid, None)
-            if expired is not None:
-                self._timers.discard(("resend", cmid))
-                self._forget(cmid, expired)
-                found.append(events.SendExpired(cmid))
+        while (due := self._first_expiry()) is not None and due <= now:
+            _, cmid, expired = self._expiry.popleft()
+            del self._outbox[cmid]
+            self._timers.discard(("resend", cmid))
+            self._forget(cmid, expired)
+            found.append(events.SendExpired(cmid))
         if self._paused_until is not None and now >= self._paused_until:
             self._resume()  # before any resend, so the paused sends go first and in order
-        for key in list(self._timers.pop_due(now)):
+        keys = list(self._timers.pop_due(now))
+        while (due := self._first_resend()) is not None and due <= now:
+            keys.append(("resend", self._first_resends.popleft()[1]))
+        for key in keys:
             if key == "idle":
                 if self.state != DISCONNECTED:
                     self.state = DISCONNECTED

@@ -190,6 +190,20 @@ class ServerConnection:
             return False
         return self._push(conversation, seq, frame)
 
+    def deliver_frames(self, conversation: str, seqs: list[int], frames: list[bytes]) -> None:
+        """``deliver_frame`` for several frames of one conversation, in order."""
+        if self.state != READY:
+            return
+        add = self._window.add
+        now = self.clock.seconds()
+        out = self._out
+        was_empty = not out
+        for seq, frame in zip(seqs, frames):
+            if add(conversation, seq, frame, now):
+                out.append(frame)
+        if was_empty and out:
+            self.on_output()
+
     def _push(self, conversation: str, seq: int, frame: bytes) -> bool:
         if not self._window.add(conversation, seq, frame, self.clock.seconds()):
             return False

@@ -13,6 +13,9 @@ from imkit.wire.errors import DecodeError, ErrorCode
 # The header as declared in schema.HEADER (length, version, flags, kind), read in one call.
 _HEADER = struct.Struct(">" + "".join(sub.subcon.fmtstr[1] for sub in schema.HEADER.subcons))
 _LENGTH = struct.Struct(">" + schema.HEADER.subcons[0].subcon.fmtstr[1])
+_LENGTH_SIZE = schema.LENGTH_SIZE
+_HEADER_SIZE = schema.HEADER_SIZE
+_MIN_LENGTH = schema.HEADER_SIZE - schema.LENGTH_SIZE
 
 
 class FrameReader:
@@ -50,23 +53,30 @@ class FrameReader:
         return self._frames()
 
     def _frames(self) -> Iterator[tuple[int, int, bytes]]:
+        # Hot: every frame of every connection passes here, so the loop keeps what it reads in
+        # locals.
         buffer = self._buffer
-        while len(buffer) - self._pos >= schema.LENGTH_SIZE:
-            pos = self._pos
-            (length,) = _LENGTH.unpack_from(buffer, pos)
-            if length > self.max_frame:
-                raise DecodeError(
-                    f"frame of {length} bytes exceeds the limit of {self.max_frame}", ErrorCode.FRAME_TOO_LARGE
-                )
-            if length < schema.HEADER_SIZE - schema.LENGTH_SIZE:
+        max_frame = self.max_frame
+        version_wanted = self.version
+        unpack_length = _LENGTH.unpack_from
+        unpack_header = _HEADER.unpack_from
+        pos = self._pos
+        while len(buffer) - pos >= _LENGTH_SIZE:
+            (length,) = unpack_length(buffer, pos)
+            if length > max_frame:
+                raise DecodeError(f"frame of {length} bytes exceeds the limit of {max_frame}", ErrorCode.FRAME_TOO_LARGE)
+            if length < _MIN_LENGTH:
                 raise DecodeError(f"frame length {length} is shorter than a frame header")
-            if len(buffer) - pos < schema.HEADER_SIZE:
-                return
-            _, version, flags, kind = _HEADER.unpack_from(buffer, pos)
-            if version != self.version:
-                raise DecodeError(f"protocol version {version} is not {self.version}", ErrorCode.UNSUPPORTED_VERSION)
-            end = pos + schema.LENGTH_SIZE + length
+            end = pos + _LENGTH_SIZE + length
             if len(buffer) < end:
+                if len(buffer) - pos >= _HEADER_SIZE and unpack_header(buffer, pos)[1] != version_wanted:
+                    raise DecodeError(
+                        f"protocol version {unpack_header(buffer, pos)[1]} is not {version_wanted}", ErrorCode.UNSUPPORTED_VERSION
+                    )
                 return
+            _, version, flags, kind = unpack_header(buffer, pos)
+            if version != version_wanted:
+                raise DecodeError(f"protocol version {version} is not {version_wanted}", ErrorCode.UNSUPPORTED_VERSION)
             self._pos = end
-            yield kind, flags, bytes(buffer[pos + schema.HEADER_SIZE : end])
+            yield kind, flags, bytes(buffer[pos + _HEADER_SIZE : end])
+            pos = self._pos
