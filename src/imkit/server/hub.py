@@ -590,14 +590,8 @@ class Hub:
         conversation = run[0].conversation
         seqs = [message.seq for message in run]
         frames = [_encode_deliver(packets.Deliver(message)) for message in run]
-        online = self._online
-        for member in members:
-            devices = online.get(member)
-            if not devices:
-                continue
-            for device in devices:
-                if device is not origin and device.state == READY:
-                    device.deliver_frames(conversation, seqs, frames)
+        for device in self._recipients(members, origin):
+            device.deliver_frames(conversation, seqs, frames)
 
     async def _run_checks(self, submission: Submission) -> tuple:
         """Raise Rejected, or return the content pipeline's flags for the store."""
@@ -659,14 +653,18 @@ class Hub:
         self._push(last.conversation, last.seq, frame, members, origin)
 
     def _push(self, conversation: str, seq: int, frame: bytes, members: Iterable[str], origin: ServerConnection | None) -> None:
+        for conn in self._recipients(members, origin):
+            conn.deliver_frame(conversation, seq, frame)
+
+    def _recipients(self, members: Iterable[str], origin: ServerConnection | None) -> Iterable[ServerConnection]:
+        """Every logged-in device of ``members`` but ``origin``."""
         online = self._online
         for member in members:
             devices = online.get(member)
-            if not devices:
-                continue
-            for conn in devices:
-                if conn is not origin and conn.state == READY:
-                    conn.deliver_frame(conversation, seq, frame)
+            if devices:
+                for conn in devices:
+                    if conn is not origin and conn.state == READY:
+                        yield conn
 
     def _continue_fan_outs(self) -> None:
         """One slice of the oldest queued fan-out per call, then yield the reactor."""
