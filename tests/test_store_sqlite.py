@@ -440,28 +440,56 @@ class SQLiteStoreTests(TemporaryDirectory, unittest.TestCase):
 
 
 class CountingConnection:
-    """A connection that notes the statements it is given: each execute, and each executemany with its row count."""
+    """
+    A connection that notes the statements it is given: in ``executed`` each one but the
+    inserts and updates of rows, and in ``statements`` every one with the number of rows it
+    writes (an executemany's row count, or the rows of a multi-row VALUES insert).
+    """
+
+    WRITES = ("INSERT", "UPDATE")
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
         self.executed: list[str] = []
-        self.many: list[tuple[str, int]] = []
+        self.statements: list[tuple[str, int]] = []
 
     def execute(self, sql: str, parameters: Any = ()) -> sqlite3.Cursor:
-        self.executed.append(sql)
+        if not sql.startswith(self.WRITES):
+            self.executed.append(sql)
+        self.statements.append((sql, sql.count("), (") + 1 if " VALUES (" in sql else 1))
         return self._connection.execute(sql, parameters)
 
     def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
         rows = list(rows)
-        self.many.append((sql, len(rows)))
+        self.statements.append((sql, len(rows)))
         return self._connection.executemany(sql, rows)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._connection, name)
 
+    def write_series(self) -> list[str]:
+        """The row writes: each unbroken series of statements writing one table, named once."""
+        series: list[str] = []
+        previous = None
+        for sql, _ in self.statements:
+            table = " ".join(sql.split()[:4]) if sql.startswith(self.WRITES) else None
+            if table is not None and table != previous:
+                series.append(table)
+            previous = table
+        return series
+
     def many_starting(self, prefix: str) -> list[int]:
-        """The row counts of the executemany calls whose statement starts with ``prefix``."""
-        return [rows for sql, rows in self.many if sql.startswith(prefix)]
+        """Rows written by each unbroken series of statements starting with ``prefix``."""
+        runs: list[int] = []
+        previous = False
+        for sql, rows in self.statements:
+            matches = sql.startswith(prefix)
+            if matches and previous:
+                runs[-1] += rows
+            elif matches:
+                runs.append(rows)
+            previous = matches
+        return runs
 
 
 class SQLiteWorkerTests(TemporaryDirectory, unittest.TestCase):
@@ -477,7 +505,7 @@ class SQLiteWorkerTests(TemporaryDirectory, unittest.TestCase):
     def run_batch(self, calls: list[tuple]) -> list[Any]:
         batch = [sqlite_module._Operation(call[0], tuple(call[1:]), True, defer.Deferred()) for call in calls]
         self.connection.executed.clear()
-        self.connection.many.clear()
+        self.connection.statements.clear()
         outcomes = self.store._run_batch(self.connection, batch)
         self.assertEqual([deferred for deferred, _ in outcomes], [operation.deferred for operation in batch])
         return [outcome for _, outcome in outcomes]
@@ -499,14 +527,16 @@ class SQLiteWorkerTests(TemporaryDirectory, unittest.TestCase):
         self.assertEqual(connection.many_starting("INSERT INTO dedupe"), [1000])
         self.assertEqual(connection.many_starting("UPDATE conversations"), [2])
         self.assertEqual(connection.many_starting("INSERT OR IGNORE INTO members"), [2, 2])
-        self.assertEqual(len(connection.many), 5)
+        new_conversation = ["INSERT INTO conversations (id,", "INSERT OR IGNORE INTO"]  # and its members
+        writes = ["INSERT INTO dedupe (sender,", "INSERT INTO messages (server_id,", "UPDATE conversations SET head_seq"]
+        self.assertEqual(connection.write_series(), new_conversation * 2 + writes)
         # The rest: a transaction, the heads and server id, and the rules' questions once per sender.
         self.assertLess(len(connection.executed), 20, connection.executed)
         self.assertNotIn("ROLLBACK", connection.executed)
         # The next batch needs no reads at all.
         self.run_batch([self.plain(1000 + i, [AB, AC][i % 2], i // 2) for i in range(1000)])
         self.assertEqual(connection.executed, ["BEGIN IMMEDIATE", "COMMIT"])
-        self.assertEqual(len(connection.many), 3)
+        self.assertEqual(connection.write_series(), writes)
 
     def test_plain_group_messages_take_one_statement_per_table(self) -> None:
         group = "g:team"
@@ -531,7 +561,8 @@ class SQLiteWorkerTests(TemporaryDirectory, unittest.TestCase):
         self.assertEqual([o.value.code for o in outcomes[501:503]], [ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.NOT_ALLOWED])
         self.assertEqual(outcomes[500].messages[0].seq, 501)
         self.assertEqual(outcomes[-1].messages[0].seq, 497)
-        self.assertEqual(self.connection.many_starting("INSERT INTO messages"), [500, 497])
+        # Two runs, and between them the block, stored the careful way in its savepoint.
+        self.assertEqual(self.connection.many_starting("INSERT INTO messages"), [500, 1, 497])
         self.assertNotIn("ROLLBACK", self.connection.executed)
         self.assertEqual(self.connection.executed.count("SAVEPOINT operation"), 3)
 

@@ -814,8 +814,8 @@ def _append_run(connection: sqlite3.Connection, cache: _AppendCache, run: list[_
     allowed = cache.allowed
     server_id = cache.next_server_id
     prefix = schema.OPERATION_PREFIX
-    rows: list[tuple] = []
-    dedupe_rows: list[tuple] = []
+    rows: list[Any] = []  # flat: _MESSAGE_WIDTH values a message
+    dedupe_rows: list[Any] = []  # flat: _DEDUPE_WIDTH values a submission
     touched: dict[str, int] = {}
     results: list[Appended] = []
     for operation in run:
@@ -861,7 +861,7 @@ def _append_run(connection: sqlite3.Connection, cache: _AppendCache, run: list[_
             item = items[0]
             body = item.body if type(item.body) is bytes else bytes(item.body)
             seq = head + 1
-            rows.append((server_id, conversation, seq, sender, device, signed_id, sent_at, item.content_type, body, 0))
+            rows += (server_id, conversation, seq, sender, device, signed_id, sent_at, item.content_type, body, 0)
             messages = (Message(server_id, conversation, seq, sender, device, client_msg_id, sent_at, item.content_type, body, 0),)
             server_id += 1
         else:
@@ -870,27 +870,50 @@ def _append_run(connection: sqlite3.Connection, cache: _AppendCache, run: list[_
                 body = item.body if type(item.body) is bytes else bytes(item.body)
                 remaining = count - 1 - index
                 seq = head + 1 + index
-                rows.append((server_id, conversation, seq, sender, device, signed_id, sent_at, item.content_type, body, remaining))
+                rows += (server_id, conversation, seq, sender, device, signed_id, sent_at, item.content_type, body, remaining)
                 bundle.append(
                     Message(server_id, conversation, seq, sender, device, client_msg_id, sent_at, item.content_type, body, remaining)
                 )
                 server_id += 1
             messages = tuple(bundle)
-        dedupe_rows.append((sender, device, signed_id, conversation, head + 1, count))
+        dedupe_rows += (sender, device, signed_id, conversation, head + 1, count)
         heads[conversation] = touched[conversation] = head + count
         results.append(Appended(messages, False, entry[1]))
     if rows:
-        connection.executemany(
-            "INSERT INTO dedupe (sender, sender_device, client_msg_id, conversation, first_seq, count)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            dedupe_rows,
-        )
-        connection.executemany(f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        _insert_many(connection, _INSERT_DEDUPE, _DEDUPE_WIDTH, dedupe_rows)
+        _insert_many(connection, _INSERT_MESSAGE, _MESSAGE_WIDTH, rows)
         connection.executemany(
             "UPDATE conversations SET head_seq = ? WHERE id = ?", [(head, conv) for conv, head in touched.items()]
         )
         cache.next_server_id = server_id
     return results
+
+
+_INSERT_DEDUPE = "INSERT INTO dedupe (sender, sender_device, client_msg_id, conversation, first_seq, count) VALUES "
+_DEDUPE_WIDTH = 6
+_INSERT_MESSAGE = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES "
+_MESSAGE_WIDTH = 10
+_CHUNKS = (64, 16, 4, 1)
+_MULTI_ROW: dict[tuple[str, int, int], str] = {}
+
+
+def _insert_many(connection: sqlite3.Connection, insert: str, width: int, values: list[Any]) -> None:
+    """
+    Insert rows (``values`` flat, ``width`` a row) with multi-row ``VALUES`` statements of a few
+    fixed sizes (so SQLite's statement cache holds them all).  Measured against ``executemany``:
+    about a quarter less CPU per row, and one step a statement instead of one a row, so the
+    writer lets go of the GIL, and the reactor waits for it, once per statement.
+    """
+    rows = len(values) // width
+    start = 0
+    while start < rows:
+        size = next(chunk for chunk in _CHUNKS if chunk <= rows - start)
+        statement = _MULTI_ROW.get((insert, width, size))
+        if statement is None:
+            row = "(" + ", ".join("?" * width) + ")"
+            statement = _MULTI_ROW[(insert, width, size)] = insert + ", ".join([row] * size)
+        connection.execute(statement, values[start * width : (start + size) * width])
+        start += size
 
 
 _CLOSE = object()  # queued by close(): the worker finishes what is ahead of it, then stops
