@@ -126,33 +126,42 @@ class LoadMeter:
     """
     How busy other processes kept the machine while a benchmark ran: all CPU time (/proc/stat)
     less this process's and its reaped children's (every process a benchmark starts is reaped
-    before it reports).  Other people's test runs on a shared machine show up here.
+    before it reports).  Other people's test runs on a shared machine show up here.  On a virtual
+    machine, the time the hypervisor gave to other guests ("steal") is told apart: it slows
+    every process here, and CPU figures per message swing with it.
     """
 
     def __init__(self) -> None:
         self._start = self._sample()
 
     @staticmethod
-    def _sample() -> tuple[float, float, float]:
+    def _sample() -> tuple[float, float, float, float]:
         with open("/proc/stat") as f:
             values = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-        busy = (sum(values) - values[3] - values[4]) / CLOCK_TICKS
+        busy = sum(values[:3] + values[5:7]) / CLOCK_TICKS
+        steal = values[7] / CLOCK_TICKS
         ours = 0.0
         for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
             usage = resource.getrusage(who)
             ours += usage.ru_utime + usage.ru_stime
-        return time.monotonic(), busy, ours
+        return time.monotonic(), busy, ours, steal
 
     def others(self) -> float:
         """CPU cores other processes kept busy on average since this meter was made."""
-        now, busy, ours = self._sample()
-        start, busy0, ours0 = self._start
+        now, busy, ours, _ = self._sample()
+        start, busy0, ours0, _ = self._start
         return max(0.0, (busy - busy0) - (ours - ours0)) / max(now - start, 1e-9)
+
+    def stolen(self) -> float:
+        """CPU cores the hypervisor took for other guests, on average since this meter was made."""
+        now, _, _, steal = self._sample()
+        start, _, _, steal0 = self._start
+        return max(0.0, steal - steal0) / max(now - start, 1e-9)
 
     def describe(self) -> str:
         return (
-            f"meanwhile other processes kept {self.others():.1f} of this machine's {os.cpu_count()} CPUs busy on average "
-            "(the higher, the noisier these figures)"
+            f"meanwhile other processes kept {self.others():.1f} of this machine's {os.cpu_count()} CPUs busy on average, "
+            f"and the hypervisor took {self.stolen():.2f} of them for other guests (the higher, the noisier these figures)"
         )
 
 
