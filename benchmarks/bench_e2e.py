@@ -2,8 +2,9 @@
 Durable one-to-one throughput over loopback TLS: imkit against Mosquitto (QoS 1) on this machine.
 
 Run ``python benchmarks/bench_e2e.py`` (``--quick`` for one shorter run per system, ``--count N``
-for the number of messages, ``--runs R``; ``--profile`` adds a profile of the imkit server: yappi,
-CPU time per function per thread, or ``--profile py-spy``).
+for the number of messages, ``--runs R``; ``--no-raw``, ``--no-mosquitto`` skip systems;
+``--profile`` adds a profile of the imkit server: yappi, CPU time per function per thread, or
+``--profile py-spy``).
 
 For each system, three processes on 127.0.0.1:
 
@@ -13,13 +14,14 @@ server
     ``mosquitto`` with one TLS listener, persistence on, QoS 1 (acknowledges before its
     asynchronous save: not the same promise, see the note printed with the results).
 receiver
-    ``IMClient`` (user bob) or a paho-mqtt client subscribed to ``chat/bob``, counting deliveries,
-    checking their order and recording each message's latency: the receiver's ``time.time()``
-    minus the sender's, written into the body (both processes read the same clock).
+    ``IMClient`` (user bob), a ``RawClient`` (below) or a paho-mqtt client subscribed to
+    ``chat/bob``, counting deliveries, checking their order and recording each message's
+    latency: the receiver's ``time.time()`` minus the sender's, written into the body (both
+    processes read the same clock).
 sender
-    ``IMClient`` (user alice, ``send(to="bob")``) or a paho-mqtt client publishing to
-    ``chat/bob``, with at most ``--window`` unacknowledged messages, started only once both
-    clients are logged in (and the receiver caught up or subscribed).
+    ``IMClient`` (user alice, ``send(to="bob")``), a ``RawClient`` or a paho-mqtt client
+    publishing to ``chat/bob``, with at most ``--window`` unacknowledged messages, started only
+    once both clients are logged in (and the receiver caught up or subscribed).
 
 Reported: messages per second end to end (first send to last delivery) and acknowledged
 (first send to last ack), latency percentiles, and CPU microseconds per message of the server
@@ -31,6 +33,11 @@ Mosquitto runs with two pairs of clients.  ``mosq/paho``: paho-mqtt (``pip insta
 skipped without it), Python like our IMClients, so the clients cost alike.  ``mosq/C``: Mosquitto's
 own ``mosquitto_pub -l -M WINDOW`` and ``mosquitto_sub``, so the clients cost little and the
 broker sets the pace; we feed the timestamped lines, at most WINDOW ahead of the deliveries.
+
+imkit runs with two pairs too.  ``imkit``: IMClient, the client an application uses (outbox,
+resends, ordering, cursors).  ``imkit/raw``: the same server with lean clients (``RawClient``)
+that write Send frames and cumulative DeliverAcks straight to the TLS connection, the analogue
+of mosquitto_pub and mosquitto_sub: what the imkit server itself carries.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -48,6 +56,8 @@ import threading
 import time
 from collections import Counter
 from typing import Any, Callable
+
+from twisted.internet.protocol import Protocol
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -251,6 +261,224 @@ def role_imkit_sender(args: argparse.Namespace) -> None:
     react(lambda reactor: defer.ensureDeferred(run(reactor)))
 
 
+class RawClient(Protocol):
+    """
+    A lean imkit client for ``imkit/raw``: Hello and a password Login, then frames straight off
+    the wire, so the clients cost little and the server sets the pace.  It answers Pings itself;
+    every other frame after the login goes to ``on_frames(client, [(kind, body), ...])``, once per
+    read.  ``ready`` fires at the LoginResult; the role fires ``done`` when its work is complete.
+    A refused login, an Error or Bye frame, a bad frame or a lost connection fails whichever of
+    the two is still waited for.
+    """
+
+    def __init__(self, user: str, device: str, on_frames: Callable[[RawClient, list[tuple[int, bytes]]], None]) -> None:
+        from twisted.internet import defer
+
+        from imkit.wire import schema
+        from imkit.wire.framing import FrameReader
+
+        self.user = user
+        self.device = device
+        self.on_frames = on_frames
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.reader = FrameReader()
+        self.logged_in = False
+        self.failed = False
+        self.control = frozenset((schema.HELLO_OK, schema.LOGIN_RESULT, schema.PING, schema.PONG, schema.ERROR, schema.BYE))
+
+    def connectionMade(self) -> None:
+        from imkit.wire import codec, packets, schema
+
+        hello = packets.Hello(schema.PROTOCOL_VERSION, schema.PROTOCOL_VERSION, "imkit-bench-raw")
+        login = packets.Login(schema.LOGIN_PASSWORD, self.user, self.device, PASSWORD.encode())
+        self.transport.write(codec.encode(hello) + codec.encode(login))
+
+    def dataReceived(self, data: bytes) -> None:
+        from imkit.wire.errors import DecodeError
+
+        found = []
+        control = self.control
+        try:
+            for kind, _flags, body in self.reader.feed(data):
+                if kind in control:
+                    self.handle_control(kind, body)
+                    if self.failed:
+                        return
+                else:
+                    found.append((kind, body))
+        except DecodeError as error:
+            self.fail(f"bad frame from the server: {error}")
+            return
+        if found:
+            self.on_frames(self, found)
+
+    def handle_control(self, kind: int, body: bytes) -> None:
+        from imkit.wire import codec, packets, schema
+
+        packet = codec.decode_body(kind, body)
+        if kind == schema.PING:
+            self.transport.write(codec.encode(packets.Pong(packet.nonce)))
+        elif kind == schema.LOGIN_RESULT:
+            if packet.status:
+                self.fail(f"login refused ({packet.status}): {packet.reason}")
+            elif not self.logged_in:
+                self.logged_in = True
+                self.ready.callback(None)
+        elif kind in (schema.ERROR, schema.BYE):
+            self.fail(f"the server sent {type(packet).__name__} ({packet.code}): {packet.reason}")
+
+    def fail(self, reason: str) -> None:
+        """Fail what is waited for (the login, else the run) and drop the connection."""
+        self.failed = True
+        waiting = self.done if self.logged_in else self.ready
+        if not waiting.called:
+            waiting.errback(ConnectionError(reason))
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.failed and not self.done.called:
+            self.fail(f"connection lost: {reason.getErrorMessage() if reason is not None else '?'}")
+
+    def close(self) -> None:
+        """Say goodbye and hang up (the run is over)."""
+        from imkit.wire import codec, packets
+
+        if not self.done.called:
+            self.done.callback(None)
+        if self.transport is not None and self.transport.connected:
+            self.transport.write(codec.encode(packets.Bye(0, "benchmark done")))
+            self.transport.loseConnection()
+
+
+async def raw_connect(reactor: Any, args: argparse.Namespace, client: RawClient) -> None:
+    """Connect ``client`` over TLS as IMClient does, and wait for its login."""
+    from twisted.internet.endpoints import connectProtocol
+
+    from imkit.client import tls_endpoint
+    from imkit.gc_tuning import tune_garbage_collector
+
+    tune_garbage_collector(collect=False)  # as the IMClient roles do
+    await connectProtocol(tls_endpoint(reactor, args.server, CA), client).addTimeout(READY_TIMEOUT, reactor)
+    await client.ready.addTimeout(READY_TIMEOUT, reactor)
+
+
+def role_imkit_raw_receiver(args: argparse.Namespace) -> None:
+    from twisted.internet import defer
+    from twisted.internet.task import react
+
+    from imkit.wire import codec, packets, schema
+
+    decode_body = codec.decode_body
+    encode = codec.encode
+    DeliverAck = packets.DeliverAck
+    DELIVER, DELIVER_BUNDLE, HEADS = schema.DELIVER, schema.DELIVER_BUNDLE, schema.HEADS
+
+    async def run(reactor: Any) -> None:
+        tally = Tally(args.count)
+        highest: dict[str, int] = {}
+
+        def frames(client: RawClient, found: list[tuple[int, bytes]]) -> None:
+            advanced: dict[str, int] = {}
+            complete = False
+            for kind, body in found:
+                if kind == DELIVER:
+                    messages: Any = (decode_body(kind, body).message,)
+                elif kind == DELIVER_BUNDLE:
+                    messages = decode_body(kind, body).messages
+                elif kind == HEADS:  # deliveries held back: a client must sync, and this one does not
+                    client.fail(f"the server held deliveries back (Heads) after {tally.received} messages")
+                    return
+                else:
+                    continue  # notices of no interest here
+                for message in messages:
+                    if message.seq > highest.get(message.conversation, 0):
+                        highest[message.conversation] = advanced[message.conversation] = message.seq
+                    if tally.got(message.body):
+                        complete = True
+            if advanced:  # one cumulative ack per conversation, one write per read
+                client.transport.write(b"".join([encode(DeliverAck(conversation, seq)) for conversation, seq in advanced.items()]))
+            if complete and not client.done.called:
+                client.done.callback(None)
+
+        client = RawClient("bob", "bench-raw-recv", frames)
+        try:
+            # A fresh server has no history: logged in is caught up, live messages come pushed.
+            await raw_connect(reactor, args, client)
+            cpu_before = time.process_time()
+            emit("ready")
+            await client.done.addTimeout(args.timeout, reactor)
+            emit("done", **tally.result(cpu_before))
+        except Exception as error:
+            emit("error", error=f"{type(error).__name__}: {error} after {tally.received} messages")
+        finally:
+            client.close()
+
+    react(lambda reactor: defer.ensureDeferred(run(reactor)))
+
+
+def role_imkit_raw_sender(args: argparse.Namespace) -> None:
+    from twisted.internet import defer
+    from twisted.internet.task import react
+
+    from imkit.wire import codec, packets, schema
+
+    decode_body = codec.decode_body
+    encode = codec.encode
+    Send = packets.Send
+    SEND_ACK, TARGET_USER = schema.SEND_ACK, schema.TARGET_USER
+
+    async def run(reactor: Any) -> None:
+        window = Window(args.count, args.window)
+        first_id = random.getrandbits(62)  # never one the server's dedupe records hold from an earlier run
+
+        def pump(client: RawClient) -> None:
+            start = window.sent
+            end = min(window.count, window.acked + window.window)
+            if end > start:
+                window.sent = end
+                sends = [encode(Send(first_id + i, TARGET_USER, "bob", "text/plain", make_body(i, args.size))) for i in range(start, end)]
+                client.transport.write(b"".join(sends))
+
+        def frames(client: RawClient, found: list[tuple[int, bytes]]) -> None:
+            acks = 0
+            for kind, body in found:
+                if kind == SEND_ACK:
+                    ack = decode_body(kind, body)
+                    if ack.status:
+                        client.fail(f"send {ack.client_msg_id - first_id} refused ({ack.status}): {ack.reason}")
+                        return
+                    acks += 1
+            if acks:
+                window.acked += acks
+                window.last_ack = time.time()
+                if window.acked >= window.count:
+                    if not client.done.called:
+                        client.done.callback(None)
+                else:
+                    pump(client)
+
+        client = RawClient("alice", "bench-raw-send", frames)
+        try:
+            await raw_connect(reactor, args, client)
+            go: defer.Deferred[str] = defer.Deferred()
+            read_go_line(lambda line: reactor.callFromThread(go.callback, line))
+            emit("ready")
+            await go.addTimeout(READY_TIMEOUT, reactor)
+            cpu_before = time.process_time()
+            window.first = time.time()
+            pump(client)
+            await client.done.addTimeout(args.timeout, reactor)
+            emit("done", **window.result(cpu_before))
+        except Exception as error:
+            emit("error", error=f"{type(error).__name__}: {error} after {window.acked} acknowledgements")
+        finally:
+            client.close()
+
+    react(lambda reactor: defer.ensureDeferred(run(reactor)))
+
+
 def mqtt_client(client_id: str) -> Any:
     import paho.mqtt.client as mqtt
 
@@ -349,6 +577,8 @@ def role_mqtt_sender(args: argparse.Namespace) -> None:
 ROLES = {
     "imkit-receiver": role_imkit_receiver,
     "imkit-sender": role_imkit_sender,
+    "imkit-raw-receiver": role_imkit_raw_receiver,
+    "imkit-raw-sender": role_imkit_raw_sender,
     "mqtt-receiver": role_mqtt_receiver,
     "mqtt-sender": role_mqtt_sender,
 }
@@ -377,7 +607,7 @@ def role_argv(role: str, server: str, opts: argparse.Namespace) -> list[str]:
 
 def drive(system: str, server: Any, opts: argparse.Namespace, cleanup: Cleanup, spy: Any = None) -> dict[str, Any]:
     """Start the receiver, then the sender; say go; wait for both to finish; read the server's CPU."""
-    prefix = "imkit" if system == "imkit" else "mqtt"
+    prefix = {"imkit": "imkit", "imkit/raw": "imkit-raw"}.get(system, "mqtt")
     receiver = cleanup.child(Child(f"{system} receiver", role_argv(f"{prefix}-receiver", server.server, opts)))
     receiver.wait_json("ready", READY_TIMEOUT + 10)
     sender = cleanup.child(Child(f"{system} sender", role_argv(f"{prefix}-sender", server.server, opts), stdin=subprocess.PIPE))
@@ -419,14 +649,19 @@ def drive(system: str, server: Any, opts: argparse.Namespace, cleanup: Cleanup, 
     }
 
 
-def run_imkit(opts: argparse.Namespace, spy: Any = None) -> dict[str, Any]:
+def run_imkit(opts: argparse.Namespace, spy: Any = None, system: str = "imkit") -> dict[str, Any]:
     with Cleanup() as cleanup:
         server = ImkitServer(cleanup, {"alice": PASSWORD, "bob": PASSWORD}, twistd=getattr(spy, "twistd", None))
-        result = drive("imkit", server, opts, cleanup, spy)
+        result = drive(system, server, opts, cleanup, spy)
         errors = server.log_errors()
         if errors:
-            raise BenchError("the imkit server logged errors:\n" + "\n".join(errors[:10]))
+            raise BenchError(f"the {system} server logged errors:\n" + "\n".join(errors[:10]))
         return result
+
+
+def run_imkit_raw(opts: argparse.Namespace) -> dict[str, Any]:
+    """The same server with the lean clients (RawClient): what the server itself carries."""
+    return run_imkit(opts, system="imkit/raw")
 
 
 def run_mosquitto(opts: argparse.Namespace) -> dict[str, Any]:
@@ -535,7 +770,7 @@ ROWS = [
 
 
 def format_table(imkit: dict[str, Any], others: list[tuple[str, dict[str, Any]]]) -> str:
-    """One column per system; after each Mosquitto column, the ratio imkit / that column."""
+    """One column per system; after each column but imkit's, the ratio imkit / that column."""
     head = f"{'':<24}{'imkit':>10}"
     for name, _ in others:
         head += f"{name:>14}{'ratio':>12}"
@@ -736,6 +971,7 @@ def parse(argv: list[str] | None) -> tuple[str | None, argparse.Namespace]:
     parser.add_argument("--timeout", type=float, default=None, help="seconds a run may take at most (default: from --count)")
     parser.add_argument("--quick", action="store_true", help="fewer messages")
     parser.add_argument("--no-mosquitto", action="store_true", help="run imkit only")
+    parser.add_argument("--no-raw", action="store_true", help="skip imkit/raw (imkit with the lean clients)")
     parser.add_argument(
         "--profile",
         nargs="?",
@@ -778,6 +1014,9 @@ def main(argv: list[str] | None = None) -> int:
     load = LoadMeter()
     try:
         systems: list[tuple[str, Callable[[argparse.Namespace], dict[str, Any]]]] = [("imkit", run_imkit)]
+        if not opts.no_raw:
+            print("imkit/raw: the same server; clients speak the wire protocol directly over TLS, without IMClient's bookkeeping")
+            systems.append(("imkit/raw", run_imkit_raw))
         if not opts.no_mosquitto:
             print(
                 f"mosquitto: {version(['mosquitto', '-h'])}, our own broker with a TLS listener, QoS 1, persistence on, "
@@ -804,15 +1043,18 @@ def main(argv: list[str] | None = None) -> int:
             )
         print()
         print(format_table(imkit, others))
-        print(
-            f"\nimkit server CPU by thread: reactor {imkit['server_main_cpu_us']:.1f} us/msg, "
-            f"SQLite writer and other threads {imkit['server_other_cpu_us']:.1f} us/msg"
-        )
+        print()
+        for name, run in [("imkit", imkit), *others]:
+            if name.startswith("imkit"):
+                print(
+                    f"{name} server CPU by thread: reactor {run['server_main_cpu_us']:.1f} us/msg, "
+                    f"SQLite writer and other threads {run['server_other_cpu_us']:.1f} us/msg"
+                )
         print(
             "end to end: first send to last delivery; acknowledged: first send to last ack; latency: receiver's "
             "clock minus the send time in the body; CPU: user+system seconds over the timed part, per message"
         )
-        if others:
+        if not opts.no_mosquitto:
             print(f"note: {MOSQUITTO_NOTE}")
         print(load.describe())
         if opts.profile:

@@ -117,6 +117,9 @@ class ClientCore:
         self._first_delay = settings.resend_initial
         self._timers = DeadlineQueue()
         self._next_id: int | None = None  # drawn at the first send
+        # While receive_data runs: [index in its events, own messages released by acks, events
+        # then], so the acks of one read deliver our own messages in one MessagesDelivered.
+        self._own: list[Any] | None = None
         self._out: list[bytes] = []
         self._reader = FrameReader(settings.max_frame)
         self._heartbeat = 30.0
@@ -333,6 +336,7 @@ class ClientCore:
         if self.state == DISCONNECTED:
             return []
         found: list[Any] = []
+        self._own = None
         try:
             for kind, _flags, body in self._reader.feed(data):
                 allowed = ALLOWED.get(kind)
@@ -344,6 +348,10 @@ class ClientCore:
         except ProtocolError as error:
             self.state = DISCONNECTED
             found.append(events.CloseConnection(f"protocol error from server: {error}"))
+        if self._own is not None:
+            index, released, _ = self._own
+            found[index] = events.MessagesDelivered(tuple(released))
+            self._own = None
         if self.state != DISCONNECTED:
             self._timers.set("idle", self.clock.seconds() + self._heartbeat * self.settings.idle_factor)
         return found
@@ -460,8 +468,10 @@ class ClientCore:
         pending = self._outbox.pop(ack.client_msg_id, None)
         if pending is None:
             return  # an answer to a resend we no longer wait for
-        self._timers.discard(("resend", ack.client_msg_id))
-        self._forget(ack.client_msg_id, pending)
+        if pending.attempts > 1:  # only a send written again has a resend deadline in _timers
+            self._timers.discard(("resend", ack.client_msg_id))
+        if self._window is not None or self._waiting or self._paced or self._head is not None:
+            self._forget(ack.client_msg_id, pending)
         if self._window is not None:
             self._window += 1
             self._pump()
@@ -488,7 +498,14 @@ class ClientCore:
                 )
                 released.extend(self.inbound.offer(message))
         if released:
-            found.append(events.MessagesDelivered(tuple(released)))
+            own = self._own
+            if own is not None and own[2] == len(found) - 1:
+                # Only this ack's event since the last of ours: one event carries them all.
+                own[1].extend(released)
+                own[2] = len(found)
+            else:
+                found.append(None)  # a MessagesDelivered, made when the read is done
+                self._own = [len(found) - 1, released, len(found)]
         if self.inbound.pending:
             self._fill_gaps(found)
 
