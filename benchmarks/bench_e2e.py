@@ -176,9 +176,9 @@ def read_go_line(on_line: Callable[[str], None]) -> None:
 
 def imkit_client(reactor: Any, args: argparse.Namespace, user: str, device: str) -> Any:
     from imkit.client import ClientSettings, IMClient, tls_endpoint
-    from imkit.gc_tuning import tune_garbage_collector
+    from imkit.tuning import tune_garbage_collector
 
-    tune_garbage_collector(collect=False)  # as imkit's own commands do; see imkit.gc_tuning
+    tune_garbage_collector(collect=False)  # as imkit's own commands do; see imkit.tuning
 
     settings = ClientSettings(send_timeout=args.timeout)
     return IMClient(tls_endpoint(reactor, args.server, CA), user, PASSWORD, device, settings=settings, reactor=reactor)
@@ -357,7 +357,7 @@ async def raw_connect(reactor: Any, args: argparse.Namespace, client: RawClient)
     from twisted.internet.endpoints import connectProtocol
 
     from imkit.client import tls_endpoint
-    from imkit.gc_tuning import tune_garbage_collector
+    from imkit.tuning import tune_garbage_collector
 
     tune_garbage_collector(collect=False)  # as the IMClient roles do
     await connectProtocol(tls_endpoint(reactor, args.server, CA), client).addTimeout(READY_TIMEOUT, reactor)

@@ -35,7 +35,7 @@ from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
 from _harness import LoadMeter  # noqa: E402
-from imkit.gc_tuning import tune_garbage_collector  # noqa: E402
+from imkit.tuning import tune_garbage_collector, tune_thread_switching  # noqa: E402
 from imkit.model import direct_conversation  # noqa: E402
 from imkit.passwords import Passwords  # noqa: E402
 from imkit.server.service import IMServerService  # noqa: E402
@@ -167,6 +167,7 @@ async def one_run(reactor: Any, opts: argparse.Namespace) -> dict[str, float]:
         await driver.log_in()
         if not opts.default_gc:
             tune_garbage_collector()  # as twistd imkit does
+            tune_thread_switching()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         before_threads = thread_seconds()
         before_reactor = time.thread_time()
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=100, help="body bytes (default 100)")
     parser.add_argument("--runs", type=int, default=5, help="runs; the one with the median total CPU is shown (default 5)")
     parser.add_argument("--store", choices=("sqlite", "memory"), default="sqlite")
-    parser.add_argument("--default-gc", action="store_true", help="keep CPython's garbage collector settings (twistd imkit tunes them)")
+    parser.add_argument("--default-gc", action="store_true", help="keep CPython's garbage collector and thread switching settings (twistd imkit tunes them)")
     opts = parser.parse_args(argv)
     task.react(lambda reactor: defer.ensureDeferred(run(reactor, opts)))
 

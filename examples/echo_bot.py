@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet import defer, task
 
 from imkit.client import IMClient, IMClientError, Message, development_ca, tls_endpoint
+from imkit.tuning import tune_garbage_collector
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +59,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     except IMClientError as error:
         raise SystemExit(f"echo_bot: {error}")
     print(f"{args.user} is echoing; Ctrl-C to stop", flush=True)
+    tune_garbage_collector()  # a long-running bot: see imkit.tuning
     await defer.Deferred()  # until Ctrl-C: the shutdown trigger stops the bot and saves its state
 
 

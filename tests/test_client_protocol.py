@@ -270,6 +270,25 @@ class ProtocolTests(unittest.SynchronousTestCase):
         delivered = [e for e in self.observer.found if isinstance(e, events.MessagesDelivered)]
         self.assertEqual([m.seq for e in delivered for m in e.messages], [1, 2, 3])
 
+    def test_the_acks_of_one_read_deliver_our_own_messages_in_one_event(self) -> None:
+        """Our own messages take their place when acknowledged: those of one read in one event, in order."""
+        conversation = "dm:alice:bob"
+        self.link.catch_up(ranges=(packets.Range(conversation, 0, 0),))
+        for n in range(3):
+            self.core.send(schema.TARGET_USER, "bob", "text/plain", b"%d" % n)
+        self.protocol.output_ready()
+        self.clock.advance(0)
+        self.link.pull()
+        self.observer.found.clear()
+        for seq, send in enumerate(self.link.packets_of(packets.Send), 1):
+            self.link.server.ack(packets.SendAck(send.client_msg_id, 0, seq, seq, 0, 1, conversation, ""))
+        self.link.push()
+        kinds = [type(event).__name__ for event in self.observer.found]
+        self.assertEqual(kinds, ["SendAcknowledged", "MessagesDelivered", "SendAcknowledged", "SendAcknowledged"])
+        [delivered] = [event for event in self.observer.found if isinstance(event, events.MessagesDelivered)]
+        self.assertEqual([(m.seq, m.sender, m.body) for m in delivered.messages], [(1, "alice", b"0"), (2, "alice", b"1"), (3, "alice", b"2")])
+        self.assertIsInstance(delivered.messages, tuple)
+
     def test_a_conversation_that_starts_above_its_floor_is_reported(self) -> None:
         """
         A conversation this device has never seen, whose first messages are gone (pruned, or

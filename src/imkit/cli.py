@@ -46,7 +46,7 @@ from imkit.client import (
     describe,
 )
 from imkit.client.endpoint import development_ca, tls_endpoint
-from imkit.gc_tuning import tune_garbage_collector
+from imkit.tuning import tune_garbage_collector
 from imkit.tls import TLSConfigError
 from imkit.wire.schema import DEFAULT_MAX_FRAME, OPERATION_PREFIX
 

@@ -469,7 +469,7 @@ class Hub:
         )
         key = (sender, conn.device)
         waiting = self._in_order.get(key)
-        if waiting is None and not self.checks and not self.content:
+        if waiting is None and not self.checks and not self.content.active:
             if self._gathering_for is conn:
                 self._gathering.append(submission)  # type: ignore[union-attr]
             else:

@@ -18,7 +18,7 @@ from imkit.extensions import ExtensionError, Extensions
 from imkit.extensions import load as load_extensions
 from imkit.passwords import Passwords
 from imkit.rules import Policy
-from imkit.gc_tuning import tune_garbage_collector
+from imkit.tuning import tune_garbage_collector, tune_thread_switching
 from imkit.server.service import IMServerService
 from imkit.session.settings import ServerSettings
 from imkit.store import StoreStringError, store_from_string
@@ -313,7 +313,9 @@ def makeService(options: Options, reactor: Any = None, passwords: Passwords | No
     service = IMServerService(store, passwords or Passwords(), endpoints, reactor, options.settings, options.policy)
     service.stop_reactor_on_failure = getattr(options, "parent", None) is not None  # run by twistd
     if service.stop_reactor_on_failure:
-        tune_garbage_collector()  # this process is ours: a server, from now until it stops
+        # This process is ours: a server, from now until it stops.
+        tune_garbage_collector()
+        tune_thread_switching()
     if len(options["extensions"]):
         service.hub.checks.append(options["extensions"].server_check)
     for name, checker in getattr(options, "content_checkers", ()):

@@ -998,7 +998,13 @@ class SQLiteStore:
     def _deliver(self, outcomes: list[tuple[defer.Deferred, Any]]) -> None:
         """Fire a batch's Deferreds, in the order their calls were made."""
         for deferred, outcome in outcomes:
-            if isinstance(outcome, Failure):
+            if type(deferred) is _Part:  # inline: one per message of an append_many
+                gathered = deferred.gathered
+                gathered.outcomes[deferred.index] = outcome.value if type(outcome) is Failure else outcome
+                gathered.missing -= 1
+                if not gathered.missing:
+                    gathered.deferred.callback(gathered.outcomes)
+            elif isinstance(outcome, Failure):
                 deferred.errback(outcome)
             else:
                 deferred.callback(outcome)
@@ -1090,11 +1096,13 @@ class SQLiteStore:
         gathered = _Gathered(deferred, outcomes, len(submissions))
         put = self._queue.put
         for index, submission in enumerate(submissions):
-            try:
-                check_submission(submission)
-            except ValueError as error:
-                gathered.fill(index, error)
-                continue
+            cmid = submission.client_msg_id
+            if not (submission.items and type(cmid) is int and 0 <= cmid < _U64):
+                try:
+                    check_submission(submission)  # for its error
+                except ValueError as error:
+                    gathered.fill(index, error)
+                    continue
             put(_Operation(_append, (submission, policy), True, _Part(gathered, index)))
         if not submissions:
             deferred.callback(outcomes)
