@@ -468,7 +468,7 @@ class Hub:
             sender, conn.device, packet.client_msg_id, conversation, members, int(self.clock.seconds() * 1000), items  # type: ignore[arg-type]
         )
         key = (sender, conn.device)
-        waiting = self._in_order.get(key)
+        waiting = self._in_order.get(key) if self._in_order else None
         if waiting is None and not self.checks and not self.content.active:
             if self._gathering_for is conn:
                 self._gathering.append(submission)  # type: ignore[union-attr]
@@ -539,6 +539,8 @@ class Hub:
 
     def _stored_many(self, outcomes: list[Any], conn: ServerConnection, submissions: list[Submission]) -> None:
         failed = None
+        ack = conn.ack
+        SendAck = packets.SendAck
         # Consecutive single messages of one conversation go out together: each recipient's
         # connection takes them in one call.
         run: list[Message] = []
@@ -548,11 +550,7 @@ class Hub:
                 # Fanned out even after a failure: the others still get what was stored.
                 messages = outcome.messages
                 first = messages[0]
-                conn.ack(
-                    packets.SendAck(
-                        first.client_msg_id, 0, first.server_id, first.seq, first.sent_at, len(messages), first.conversation, ""
-                    )
-                )
+                ack(SendAck(first.client_msg_id, 0, first.server_id, first.seq, first.sent_at, len(messages), first.conversation, ""))
                 if outcome.duplicate:
                     continue
                 if len(messages) == 1:
