@@ -377,6 +377,16 @@ class StoreContract:
         self.assertEqual(await self.store.cursors("alice", "laptop"), {AC: 2})
         self.assertEqual(await self.store.cursors("bob", "phone"), {})
 
+    async def test_set_cursors_moves_each_forward(self) -> None:
+        await self.store.set_cursor("alice", "phone", AC, 5)
+        await self.store.set_cursors(
+            [("alice", "phone", AC, 3), ("alice", "phone", AB, 2), ("bob", "phone", AB, 4), ("alice", "phone", AB, 6)]
+        )
+        self.assertEqual(await self.store.cursors("alice", "phone"), {AC: 5, AB: 6})
+        self.assertEqual(await self.store.cursors("bob", "phone"), {AB: 4})
+        await self.store.set_cursors([])
+        self.assertEqual(await self.store.cursors("bob", "phone"), {AB: 4})
+
     # Users -------------------------------------------------------------------------------------
 
     async def test_users(self) -> None:

@@ -93,6 +93,25 @@ class ServerProtocolTests(SynchronousTestCase):
         self.assertEqual(result.status, 0)
         self.assertEqual(result.server_time, 1_700_000_000_000)
 
+    def test_delivery_cursors_of_one_turn_are_written_together(self) -> None:
+        """After a conversation's first ack, acks are gathered and written at the end of the turn."""
+        alice, bob, carol = self.logged_in("alice"), self.logged_in("bob"), self.logged_in("carol")
+        for cmid, to in ((1, "bob"), (2, "carol"), (3, "bob"), (4, "carol")):
+            alice.send(codec.encode(packets.Send(cmid, schema.TARGET_USER, to, "text/plain", b"hi")))
+        bob.send(codec.encode(packets.DeliverAck("dm:alice:bob", 1)))  # the first: checked, then written
+        carol.send(codec.encode(packets.DeliverAck("dm:alice:carol", 1)))
+        calls = []
+        original = self.store.set_cursors
+        self.patch(self.store, "set_cursors", lambda cursors: (calls.append(list(cursors)), original(cursors))[1])
+        bob.send(codec.encode(packets.DeliverAck("dm:alice:bob", 2)))
+        carol.send(codec.encode(packets.DeliverAck("dm:alice:carol", 2)))
+        bob.send(codec.encode(packets.DeliverAck("dm:alice:bob", 1)))  # late and lower: never moves back
+        self.assertEqual(calls, [])
+        self.clock.advance(0)
+        self.assertEqual(calls, [[("bob", "phone", "dm:alice:bob", 2), ("carol", "phone", "dm:alice:carol", 2)]])
+        self.assertEqual(self.store.cursors("bob", "phone").result, {"dm:alice:bob": 2})
+        self.assertEqual(self.store.cursors("carol", "phone").result, {"dm:alice:carol": 2})
+
     def test_wrong_password(self) -> None:
         """A wrong password or an unknown user get the same answer, then the connection closes."""
         answers = []

@@ -114,6 +114,11 @@ class Hub:
         """Failed password logins per user name and per IP address (``imkit.server.logins``)."""
         self._account_check: Any = None
         self._ackable: weakref.WeakKeyDictionary[ServerConnection, set[str]] = weakref.WeakKeyDictionary()
+        # Delivery cursors acknowledged this reactor turn, written together at its end: in a group
+        # every member acknowledges every message, one store call each would cost more than the
+        # delivery itself.  (user, device, conversation) -> seq.
+        self._cursor_updates: dict[tuple[str, str, str], int] = {}
+        self._cursor_flush: Any = None
         """connection -> conversations it may see, found when it first acknowledged them."""
         self.requests = Requests(self)
         self.keys = KeyDirectory(self)
@@ -143,6 +148,7 @@ class Hub:
         self.stopping = True
         self.limits.stop()
         self._stop_account_checks()
+        self.write_cursors()
         for devices in list(self._online.values()):
             for conn in list(devices):
                 conn.close(ErrorCode.SHUTTING_DOWN, reason)
@@ -603,6 +609,7 @@ class Hub:
         return ()
 
     def _start_sync(self, conn: ServerConnection, request: packets.Sync) -> None:
+        self.write_cursors()  # a sync from the server's cursors reads them after what came before
         self._later(conn, self._sync(conn, request))
 
     def _note_refusal(self, failure: Any, conn: ServerConnection, submission: Submission) -> Any:
@@ -683,12 +690,27 @@ class Hub:
     def _record_cursor(self, conn: ServerConnection, conversation: str, seq: int) -> None:
         ackable = self._ackable.get(conn)
         if ackable is not None and conversation in ackable:
-            d = self.store.set_cursor(conn.user, conn.device, conversation, seq)
+            key = (conn.user, conn.device, conversation)  # type: ignore[arg-type]
+            updates = self._cursor_updates
+            if seq > updates.get(key, -1):
+                updates[key] = seq
+            if self._cursor_flush is None:
+                self._cursor_flush = self.clock.callLater(0, self.write_cursors)
         else:
             # The first ack of a conversation on this connection: is it one the user may see?
             # (Otherwise anyone could fill the store with cursors for made-up conversations.)
             d = defer.ensureDeferred(self._first_ack(conn, conversation, seq))
-        d.addErrback(lambda failure: self.log.failure("could not record a delivery cursor", failure))
+            d.addErrback(lambda failure: self.log.failure("could not record a delivery cursor", failure))
+
+    def write_cursors(self) -> None:
+        """Write the delivery cursors gathered so far (normally at the end of the reactor turn)."""
+        call, self._cursor_flush = self._cursor_flush, None
+        if call is not None and call.active():
+            call.cancel()
+        updates, self._cursor_updates = self._cursor_updates, {}
+        if updates:
+            d = self.store.set_cursors([(*key, seq) for key, seq in updates.items()])
+            d.addErrback(lambda failure: self.log.failure("could not record delivery cursors", failure))
 
     async def _first_ack(self, conn: ServerConnection, conversation: str, seq: int) -> None:
         span = await self.store.visibility(conversation, conn.user)

@@ -200,6 +200,13 @@ class IStore(Interface):
         Deferred[None].  Cursors only move forward: a lower seq than the stored one is ignored.
         """
 
+    def set_cursors(cursors):
+        """
+        ``set_cursor`` for each ``(user, device, conversation, seq)`` in ``cursors``, in one
+        write: Deferred[None].  A server gathers the acknowledgements of a reactor turn (in a
+        group, every member acknowledges every message) into one call.
+        """
+
     def cursors(user, device):
         """Deferred[dict[str, int]]: the device's acknowledged seq per conversation."""
 

@@ -414,6 +414,11 @@ class MemoryStore:
             cursors[conversation] = seq
         return defer.succeed(None)
 
+    def set_cursors(self, cursors: Any) -> defer.Deferred:
+        for user, device, conversation, seq in cursors:
+            self.set_cursor(user, device, conversation, seq)
+        return defer.succeed(None)
+
     def cursors(self, user: str, device: str) -> defer.Deferred:
         return defer.succeed(dict(self._cursors.get((user, device), {})))
 

@@ -597,15 +597,21 @@ def _conversations(connection: sqlite3.Connection, user: str) -> dict[str, int]:
     return dict(rows.fetchall())
 
 
+_SET_CURSOR = (
+    "INSERT INTO cursors (user, device, conversation, seq) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (user, device, conversation) DO UPDATE SET seq = excluded.seq"
+    " WHERE excluded.seq > cursors.seq"
+)
+
+
 def _set_cursor(
     connection: sqlite3.Connection, user: str, device: str, conversation: str, seq: int
 ) -> None:
-    connection.execute(
-        "INSERT INTO cursors (user, device, conversation, seq) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT (user, device, conversation) DO UPDATE SET seq = excluded.seq"
-        " WHERE excluded.seq > cursors.seq",
-        (user, device, conversation, seq),
-    )
+    connection.execute(_SET_CURSOR, (user, device, conversation, seq))
+
+
+def _set_cursors(connection: sqlite3.Connection, cursors: list[tuple[str, str, str, int]]) -> None:
+    connection.executemany(_SET_CURSOR, cursors)
 
 
 def _set_token(connection: sqlite3.Connection, digest: str, user: str, device: str, expires_at: int) -> None:
@@ -1153,6 +1159,9 @@ class SQLiteStore:
 
     def set_cursor(self, user: str, device: str, conversation: str, seq: int) -> defer.Deferred:
         return self._submit(_set_cursor, user, device, conversation, seq, write=True)
+
+    def set_cursors(self, cursors: Any) -> defer.Deferred:
+        return self._submit(_set_cursors, [tuple(cursor) for cursor in cursors], write=True)
 
     def set_token(self, digest: str, user: str, device: str, expires_at: int) -> defer.Deferred:
         return self._submit(_set_token, digest, user, device, expires_at, write=True)
