@@ -4,6 +4,8 @@ The server's Twisted adapter and hub over in-memory transports, driven by a ``ta
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -92,6 +94,45 @@ class ServerProtocolTests(SynchronousTestCase):
         self.assertEqual(hello_ok, packets.HelloOk(1, self.settings.max_frame, 30_000, "imkit"))
         self.assertEqual(result.status, 0)
         self.assertEqual(result.server_time, 1_700_000_000_000)
+
+    def test_sends_of_one_read_are_stored_together_in_order(self) -> None:
+        """One append_many a read: acks and deliveries in the order sent, refusals in their place."""
+        alice, bob = self.logged_in("alice"), self.logged_in("bob")
+        calls = []
+        original = self.store.append_many
+        self.patch(self.store, "append_many", lambda subs, policy: (calls.append(len(subs)), original(subs, policy))[1])
+        alice.send(
+            codec.encode(packets.Send(1, schema.TARGET_USER, "bob", "text/plain", b"one")),
+            codec.encode(packets.Send(2, schema.TARGET_USER, "bob", "text/plain", b"two")),
+            codec.encode(packets.Send(3, schema.TARGET_USER, "no body", "text/plain", b"?")),  # refused at once
+            codec.encode(packets.Send(4, schema.TARGET_USER, "nobody", "text/plain", b"?")),  # refused by the store
+            codec.encode(packets.Send(5, schema.TARGET_USER, "bob", "text/plain", b"three")),
+        )
+        self.assertEqual(calls, [2, 2], "a refusal at once hands over what came before it")
+        unknown = ErrorCode.UNKNOWN_RECIPIENT
+        self.assertEqual(
+            [(a.client_msg_id, a.status, a.seq) for a in alice.received()], [(1, 0, 1), (2, 0, 2), (3, unknown, 0), (4, unknown, 0), (5, 0, 3)]
+        )
+        self.clock.advance(0)
+        self.assertEqual([d.message.body for d in bob.received()], [b"one", b"two", b"three"])
+
+    def test_a_store_failure_in_a_read_drops_the_sender_but_delivers_what_was_stored(self) -> None:
+        alice, bob = self.logged_in("alice"), self.logged_in("bob")
+        original = self.store.append_many
+
+        def failing(subs: Any, policy: Any) -> Any:
+            d = original(subs, policy)
+            return d.addCallback(lambda outcomes: [RuntimeError("disk on fire") if i == 1 else o for i, o in enumerate(outcomes)])
+
+        self.patch(self.store, "append_many", failing)
+        alice.send(*(codec.encode(packets.Send(n, schema.TARGET_USER, "bob", "text/plain", b"%d" % n)) for n in (1, 2, 3)))
+        replies = alice.received()
+        self.assertEqual([type(r).__name__ for r in replies], ["SendAck", "SendAck", "Error"])
+        self.assertEqual(replies[-1].code, ErrorCode.INTERNAL_ERROR)
+        self.assertTrue(alice.transport.disconnecting)
+        self.clock.advance(0)
+        self.assertEqual([d.message.body for d in bob.received()], [b"1", b"3"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_delivery_cursors_of_one_turn_are_written_together(self) -> None:
         """After a conversation's first ack, acks are gathered and written at the end of the turn."""
