@@ -1041,6 +1041,16 @@ def main(argv: list[str] | None = None) -> int:
                 "end-to-end msg/s per run: "
                 + "; ".join(f"{name} " + ", ".join(f"{r['e2e_rate']:,.0f}" for r in runs) for name, runs in results.items())
             )
+            # Runs are interleaved, so run i of every system saw the same machine: the ratio of
+            # each pair is steadier than the ratio of the medians when the machine's speed drifts.
+            for name, runs in list(results.items())[1:]:
+                pairs = [(a["server_cpu_us"] / b["server_cpu_us"], a["e2e_rate"] / b["e2e_rate"]) for a, b in zip(results["imkit"], runs)]
+                cpu = sorted(pair[0] for pair in pairs)
+                rate = sorted(pair[1] for pair in pairs)
+                print(
+                    f"imkit / {name}, run by run: server CPU {', '.join(f'{c:.2f}' for c, _ in pairs)} (median {cpu[len(cpu) // 2]:.2f});"
+                    f" end to end msg/s {', '.join(f'{r:.2f}' for _, r in pairs)} (median {rate[len(rate) // 2]:.2f})"
+                )
         print()
         print(format_table(imkit, others))
         print()
