@@ -100,7 +100,8 @@ def make_body(phase: str, index: int, size: int) -> bytes:
 def new_client(reactor: Any, endpoint: Any, name: str, args: argparse.Namespace) -> Any:
     from imkit.client import ClientSettings, IMClient
 
-    return IMClient(endpoint, name, PASSWORD, DEVICE, settings=ClientSettings(send_timeout=args.timeout), reactor=reactor)
+    settings = ClientSettings(send_timeout=args.timeout, ack_delay=args.ack_delay)
+    return IMClient(endpoint, name, PASSWORD, DEVICE, settings=settings, reactor=reactor)
 
 
 def role_sender(args: argparse.Namespace) -> None:
@@ -324,6 +325,8 @@ def role_argv(role: str, opts: argparse.Namespace, server: str, *extra: str) -> 
         str(opts.size),
         "--timeout",
         str(opts.timeout),
+        "--ack-delay",
+        str(opts.ack_delay),
         *extra,
     ]
 
@@ -483,6 +486,12 @@ def parse(argv: list[str] | None) -> tuple[str | None, argparse.Namespace]:
         "--latency-messages", type=int, default=None, help="messages sent one at a time, for latency (default 50, --quick 10)"
     )
     parser.add_argument("--size", type=int, default=100, help="message body bytes (default 100)")
+    parser.add_argument(
+        "--ack-delay",
+        type=float,
+        default=0.0,
+        help="the members' ClientSettings.ack_delay: seconds a delivery ack may wait to cover more (default 0: none)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds a phase may take at most (default: from the sizes)")
     parser.add_argument("--quick", action="store_true", help="a small, fast smoke run")
     parser.add_argument(
@@ -524,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"imkit: twistd -n imkit, SQLite store, fan_out_slice 500; online members in {min(opts.procs, opts.online)} client "
-        f"processes of {' + '.join(str(count) for _, count in split(opts.online, opts.procs))} IMClients, the sender in one more; "
+        f"processes of {' + '.join(str(count) for _, count in split(opts.online, opts.procs))} IMClients"
+        f"{f' (ack_delay {opts.ack_delay:g} s)' if opts.ack_delay else ''}, the sender in one more; "
         f"Python {sys.version.split()[0]}"
     )
     load = LoadMeter()

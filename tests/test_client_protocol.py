@@ -289,6 +289,53 @@ class ProtocolTests(unittest.SynchronousTestCase):
         self.assertEqual([(m.seq, m.sender, m.body) for m in delivered.messages], [(1, "alice", b"0"), (2, "alice", b"1"), (3, "alice", b"2")])
         self.assertIsInstance(delivered.messages, tuple)
 
+    def delayed_acks(self, **settings: Any) -> None:
+        """Start again with delivery acks delayed by 50 ms, caught up in conversation c."""
+        self.core = ClientCore(self.clock, "alice", "secret", "phone", ClientSettings(resend_jitter=0.0, ack_delay=0.05, **settings))
+        self.protocol = IMClientProtocol(self.core, self.clock, self.observer)
+        self.transport = CountingTransport()
+        self.link = Link(self.protocol, self.transport, self.clock)
+        self.protocol.makeConnection(self.transport)
+        self.link.catch_up(ranges=(packets.Range("c", 0, 0),))
+        self.link.pull()
+        self.transport.writes.clear()
+
+    def test_delayed_acks_wait_then_one_covers_them_all(self) -> None:
+        self.delayed_acks()
+        for seq in (1, 2):
+            self.link.server.deliver(message("c", seq))
+            self.link.push()
+            self.clock.advance(0.02)
+        self.assertEqual(self.transport.value(), b"", "nothing written yet")
+        self.assertEqual([m.seq for e in self.observer.found if isinstance(e, events.MessagesDelivered) for m in e.messages], [1, 2])
+        self.clock.advance(0.01)  # 50 ms after the first delivery
+        self.link.pull()
+        self.assertEqual(self.link.packets_of(packets.DeliverAck), [packets.DeliverAck("c", 2)])
+
+    def test_delayed_acks_ride_along_with_other_output_or_go_when_many(self) -> None:
+        self.delayed_acks(ack_every=3)
+        self.link.server.deliver(message("c", 1))
+        self.link.push()
+        self.core.send(schema.TARGET_USER, "bob", "text/plain", b"x")
+        self.protocol.output_ready()
+        self.clock.advance(0)
+        self.link.pull()
+        self.assertEqual(self.link.packets_of(packets.DeliverAck), [packets.DeliverAck("c", 1)], "with the send")
+        for seq in (2, 3, 4):
+            self.link.server.deliver(message("c", seq))
+            self.link.push()
+        self.link.pull()
+        self.assertEqual(self.link.packets_of(packets.DeliverAck)[1:], [packets.DeliverAck("c", 4)], "three waiting: at once")
+
+    def test_delayed_acks_go_before_a_goodbye(self) -> None:
+        self.delayed_acks()
+        self.link.server.deliver(message("c", 1))
+        self.link.push()
+        self.protocol.say_goodbye()
+        self.link.pull()
+        self.assertEqual(self.link.packets_of(packets.DeliverAck), [packets.DeliverAck("c", 1)])
+        self.assertIsInstance(self.link.sent[-1][1], packets.Bye)
+
     def test_a_conversation_that_starts_above_its_floor_is_reported(self) -> None:
         """
         A conversation this device has never seen, whose first messages are gone (pruned, or

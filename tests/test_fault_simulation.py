@@ -198,6 +198,8 @@ class Storm:
     """The server's frame limit; half of it bounds a sync answer (4096: about 7 messages)."""
     slow: tuple[int, ...] = ()
     """Devices whose link has four times the latency (so that replies cross differently)."""
+    ack_delay: float = 0.0
+    """The clients' delivery ack delay (ClientSettings.ack_delay; 2.0 outlasts the server's ack timeout)."""
     group: GroupPlan | None = None
     changes: tuple[Change, ...] = ()
     history_on_join: bool = False
@@ -270,6 +272,7 @@ def _storm(draw, devices: list[int], workload: st.SearchStrategy[Op], frame_leve
         sync_page=draw(st.sampled_from((500, 500, 2))),
         max_frame=draw(st.sampled_from((schema.DEFAULT_MAX_FRAME, 4096))),
         slow=tuple(draw(st.lists(st.integers(0, 7), max_size=2))),
+        ack_delay=draw(st.sampled_from((0.0, 0.0, 0.0, 0.05, 2.0))),
         **extra,
     )
     if frame_level:
@@ -347,7 +350,7 @@ def simulate(storm: Storm) -> World:
     world = World(
         users,
         ServerSettings(max_unacked=storm.max_unacked, sync_page=storm.sync_page, max_frame=storm.max_frame),
-        ClientSettings(send_timeout=None, sync_page=storm.sync_page),
+        ClientSettings(send_timeout=None, sync_page=storm.sync_page, ack_delay=storm.ack_delay, ack_every=8),
         faults=faults,
         latency={labels[device % len(labels)]: 4 * LATENCY for device in storm.slow},
         policy=Policy(contacts_only=storm.farewell is not None, history_on_join=storm.history_on_join),

@@ -119,6 +119,7 @@ class IMClientProtocol(Protocol):
         """
         if self._closing:
             return
+        self.core.ack_now()
         self.flush()
         if self.core.state == READY:
             self.transport.write(codec.encode(packets.Bye(int(ErrorCode.OK), reason)))

@@ -120,6 +120,10 @@ class ClientCore:
         # While receive_data runs: [index in its events, own messages released by acks, events
         # then], so the acks of one read deliver our own messages in one MessagesDelivered.
         self._own: list[Any] | None = None
+        # Delayed delivery acks (settings.ack_delay): deliveries since the last ack written, and
+        # whether the next output must carry the acks.
+        self._deliveries_unacked = 0
+        self._ack_now = False
         self._out: list[bytes] = []
         self._reader = FrameReader(settings.max_frame)
         self._heartbeat = 30.0
@@ -323,6 +327,8 @@ class ClientCore:
         self.state = DISCONNECTED
         self._timers.clear()
         self._first_resends.clear()
+        self._deliveries_unacked = 0
+        self._ack_now = False
         self._requests.clear()
         self._filling.clear()
         self._syncing = False
@@ -358,6 +364,7 @@ class ClientCore:
 
     def _handle(self, kind: int, packet: Any, found: list[Any]) -> None:
         if kind == schema.DELIVER:
+            self._deliveries_unacked += 1
             released = self.inbound.offer(packet.message)
             if released:
                 found.append(events.MessagesDelivered(tuple(released)))
@@ -366,6 +373,7 @@ class ClientCore:
         elif kind == schema.SEND_ACK:
             self._on_ack(packet, found)
         elif kind == schema.DELIVER_BUNDLE:
+            self._deliveries_unacked += 1
             released = []
             for message in packet.messages:
                 released.extend(self.inbound.offer(message))
@@ -585,11 +593,22 @@ class ClientCore:
     def _write(self, frame: bytes) -> None:
         self._out.append(frame)
 
+    def ack_now(self) -> None:
+        """Have the next output carry every delivery ack, delayed or not (before a goodbye, say)."""
+        self._ack_now = True
+
     def data_to_send(self) -> bytes:
         """Everything to write now, including the cumulative acks gathered since the last call."""
         if self.state == READY and self.inbound.ack_due:
-            for conversation, seq in self.inbound.take_acks():
-                self._out.append(codec.encode(packets.DeliverAck(conversation, seq)))
+            delay = self.settings.ack_delay
+            if delay <= 0 or self._out or self._ack_now or self._deliveries_unacked >= self.settings.ack_every:
+                for conversation, seq in self.inbound.take_acks():
+                    self._out.append(codec.encode(packets.DeliverAck(conversation, seq)))
+                self._deliveries_unacked = 0
+                self._ack_now = False
+                self._timers.discard("ack")
+            elif "ack" not in self._timers:
+                self._timers.set("ack", self.clock.seconds() + delay)
         out = self._out
         if not out:
             return b""
@@ -647,6 +666,8 @@ class ClientCore:
                     self._write(codec.encode(packets.Ping(int(now * 1000))))
             elif key == "resume":
                 pass  # done above
+            elif key == "ack":
+                self._ack_now = True  # written by the flush that follows
             elif key[0] == "resend":
                 pending = self._outbox.get(key[1])
                 if pending is not None and self.state == READY:

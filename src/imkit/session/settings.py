@@ -108,3 +108,12 @@ class ClientSettings:
     """The connection is considered dead after this many heartbeat intervals of silence."""
     sync_page: int = 500
     agent: str = "imkit-client"
+    ack_delay: float = 0.0
+    """
+    Delivery acks wait up to this long (0: none; they go out at the end of every read), unless
+    something else is written first or ``ack_every`` deliveries are waiting.  A member of a busy
+    group gets one message a read: waiting a little lets one cumulative ack cover several, and
+    spares the server a read for each.
+    """
+    ack_every: int = 64
+    """With ack_delay, this many deliveries waiting are acknowledged at once."""
