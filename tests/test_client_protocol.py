@@ -270,6 +270,26 @@ class ProtocolTests(unittest.SynchronousTestCase):
         delivered = [e for e in self.observer.found if isinstance(e, events.MessagesDelivered)]
         self.assertEqual([m.seq for e in delivered for m in e.messages], [1, 2, 3])
 
+    def test_deadline_queues_stay_small_behind_a_send_that_waits_long(self) -> None:
+        """Acknowledged sends leave nothing behind, even while an older one waits for its ack."""
+        conversation = "dm:alice:bob"
+        self.link.catch_up(ranges=(packets.Range(conversation, 0, 0),))
+        self.core.send(schema.TARGET_USER, "bob", "text/plain", b"never acknowledged")
+        seq = 0
+        for _ in range(50):
+            for n in range(20):
+                self.core.send(schema.TARGET_USER, "bob", "text/plain", b"%d" % n)
+            self.protocol.output_ready()
+            self.clock.advance(0)
+            self.link.pull()
+            for send in self.link.packets_of(packets.Send)[-20:]:
+                seq += 1
+                self.link.server.ack(packets.SendAck(send.client_msg_id, 0, seq, seq, 0, 1, conversation, ""))
+            self.link.push()
+        self.assertEqual(self.core.unacknowledged, 1)
+        self.assertLessEqual(len(self.core._expiry), 2 * 21 + 64 + 1)  # at most 21 waited at once
+        self.assertLessEqual(len(self.core._first_resends), 2 * 21 + 64 + 1)
+
     def test_the_acks_of_one_read_deliver_our_own_messages_in_one_event(self) -> None:
         """Our own messages take their place when acknowledged: those of one read in one event, in order."""
         conversation = "dm:alice:bob"

@@ -98,13 +98,13 @@ class Hub:
         self.certificate_users: weakref.WeakKeyDictionary[ServerConnection, str] = weakref.WeakKeyDictionary()
         """connection -> the user its verified TLS client certificate names (set by the protocol)."""
         self._in_order: dict[tuple[str, str], deque] = {}
-        # While ``handle`` runs: the sends of that read that go straight to the store, handed
-        # over in one ``append_many`` (one Deferred for them all, not one each).
+        """(user, device) -> its sends waiting behind a slow check, oldest first."""
         self._gathering: list[Submission] | None = None
+        """While ``handle`` runs: the sends of that read that go straight to the store, handed
+        over in one ``append_many`` (one Deferred for them all, not one each)."""
         self._gathering_for: ServerConnection | None = None
         self._refusals: OrderedDict[tuple[str, str, int], packets.SendAck] = OrderedDict()
         """The latest refusals by (user, device, client message id): a resend gets the same answer."""
-        """(user, device) -> its sends waiting behind a slow check, oldest first."""
         self._fan_outs: deque[_FanOut] = deque()
         self._fan_out_call: Any = None
         self.stopping = False
@@ -114,12 +114,11 @@ class Hub:
         """Failed password logins per user name and per IP address (``imkit.server.logins``)."""
         self._account_check: Any = None
         self._ackable: weakref.WeakKeyDictionary[ServerConnection, set[str]] = weakref.WeakKeyDictionary()
-        # Delivery cursors acknowledged this reactor turn, written together at its end: in a group
-        # every member acknowledges every message, one store call each would cost more than the
-        # delivery itself.  (user, device, conversation) -> seq.
-        self._cursor_updates: dict[tuple[str, str, str], int] = {}
-        self._cursor_flush: Any = None
         """connection -> conversations it may see, found when it first acknowledged them."""
+        self._cursor_updates: dict[tuple[str, str, str], int] = {}
+        """Delivery cursors acknowledged this reactor turn, written together at its end (in a group
+        every member acknowledges every message): (user, device, conversation) -> seq."""
+        self._cursor_flush: Any = None
         self.requests = Requests(self)
         self.keys = KeyDirectory(self)
         """End-to-end encryption's key directory (``imkit.server.keys``)."""

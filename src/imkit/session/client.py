@@ -206,6 +206,8 @@ class ClientCore:
         pending = self._outbox[cmid] = _Pending(packet, frame)
         if self.settings.send_timeout is not None:
             self._expiry.append((self.clock.seconds() + self.settings.send_timeout, cmid, pending))
+            if len(self._expiry) > 2 * len(self._outbox) + 64:
+                self._expiry = self._live(self._expiry)
         if self.state == READY:
             if self._window is None and self._paused_until is None:
                 self._transmit(cmid, pending)
@@ -227,6 +229,8 @@ class ClientCore:
         if not pending.attempts:
             pending.attempts = 1
             self._first_resends.append((self.clock.seconds() + self._first_delay, cmid, pending))
+            if len(self._first_resends) > 2 * len(self._outbox) + 64:
+                self._first_resends = self._live(self._first_resends, first=True)
             return
         settings = self.settings
         delay = min(settings.resend_initial * (2**pending.attempts), settings.resend_max)
@@ -620,6 +624,18 @@ class ClientCore:
     def next_deadline(self) -> float | None:
         found = [due for due in (self._timers.next(), self._first_expiry(), self._first_resend()) if due is not None]
         return min(found) if found else None
+
+    def _live(self, entries: deque, first: bool = False) -> deque:
+        """
+        The entries of a FIFO whose sends still wait, in order: behind one long-waiting send, the
+        stale entries of those acknowledged since would otherwise pile up until it is answered.
+        """
+        outbox = self._outbox
+        return deque(
+            (due, cmid, pending)
+            for due, cmid, pending in entries
+            if outbox.get(cmid) is pending and (not first or (pending.live and pending.attempts == 1))
+        )
 
     def _first_expiry(self) -> float | None:
         expiry = self._expiry
