@@ -174,6 +174,16 @@ def read_go_line(on_line: Callable[[str], None]) -> None:
     threading.Thread(target=read, name="go", daemon=True).start()
 
 
+async def ready_then_go(reactor: Any) -> None:
+    """Tell the benchmark we are ready, then wait for its "go" line (a sender starts on it)."""
+    from twisted.internet import defer
+
+    go: defer.Deferred[str] = defer.Deferred()
+    read_go_line(lambda line: reactor.callFromThread(go.callback, line))
+    emit("ready")
+    await go.addTimeout(READY_TIMEOUT, reactor)
+
+
 def imkit_client(reactor: Any, args: argparse.Namespace, user: str, device: str) -> Any:
     from imkit.client import ClientSettings, IMClient, tls_endpoint
     from imkit.tuning import tune_garbage_collector
@@ -244,10 +254,7 @@ def role_imkit_sender(args: argparse.Namespace) -> None:
         client.startService()
         try:
             await client.loggedIn().addTimeout(READY_TIMEOUT, reactor)
-            go: defer.Deferred[str] = defer.Deferred()
-            read_go_line(lambda line: reactor.callFromThread(go.callback, line))
-            emit("ready")
-            await go.addTimeout(READY_TIMEOUT, reactor)
+            await ready_then_go(reactor)
             cpu_before = time.process_time()
             window.first = time.time()
             pump()
@@ -462,10 +469,7 @@ def role_imkit_raw_sender(args: argparse.Namespace) -> None:
         client = RawClient("alice", "bench-raw-send", frames)
         try:
             await raw_connect(reactor, args, client)
-            go: defer.Deferred[str] = defer.Deferred()
-            read_go_line(lambda line: reactor.callFromThread(go.callback, line))
-            emit("ready")
-            await go.addTimeout(READY_TIMEOUT, reactor)
+            await ready_then_go(reactor)
             cpu_before = time.process_time()
             window.first = time.time()
             pump(client)

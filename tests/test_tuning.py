@@ -16,7 +16,6 @@ class TuningTests(unittest.SynchronousTestCase):
         threshold = gc.get_threshold()
         self.addCleanup(gc.set_threshold, *threshold)
         self.addCleanup(gc.unfreeze)
-        kept = [object() for _ in range(10)]  # noqa: F841 - alive across the freeze
         tune_garbage_collector(collect=False)
         self.assertEqual(gc.get_threshold(), (YOUNG_THRESHOLD,) + threshold[1:])
         self.assertGreater(gc.get_freeze_count(), 0)

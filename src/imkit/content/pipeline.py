@@ -113,8 +113,6 @@ class ContentPipeline:
         self.timeout = timeout
         self.on_error = Action(on_error)
         self._checkers: list[tuple[str, ContentChecker]] = []
-        self.active = False
-        """Whether any checker is added: a plain attribute, read for every message sent."""
         self.on_flagged: list[Callable[[FlagReport], Any]] = []
         """Observers called with a FlagReport for every flag stored (errors are logged, not raised)."""
 
@@ -143,7 +141,6 @@ class ContentPipeline:
         if name in self.names:
             raise ContentCheckError(f"a content checker named {name!r} is registered already")
         self._checkers.append((name, checker))
-        self.active = True
         return checker
 
     # Checking ----------------------------------------------------------------------------------

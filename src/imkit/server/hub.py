@@ -34,6 +34,7 @@ import hashlib
 import secrets
 import weakref
 from collections import OrderedDict, deque
+from itertools import groupby
 from typing import Any, Iterable
 
 import attrs
@@ -474,7 +475,7 @@ class Hub:
         )
         key = (sender, conn.device)
         waiting = self._in_order.get(key) if self._in_order else None
-        if waiting is None and not self.checks and not self.content.active:
+        if waiting is None and not self.checks and not self.content:
             if self._gathering_for is conn:
                 self._gathering.append(submission)  # type: ignore[union-attr]
             else:
@@ -532,54 +533,32 @@ class Hub:
             d.addCallback(self.content.stored, submission, flags)
         else:
             d = self.store.append(submission, self.policy)
-        d.addErrback(self._note_refusal, conn, submission)
-        d.addCallbacks(self._stored, self._not_stored, (conn,), None, (conn, submission.client_msg_id))
+        d.addCallbacks(self._stored, self._not_stored, (conn,), None, (conn, submission))
 
     def _append_gathered(self, conn: ServerConnection, submissions: list[Submission]) -> None:
-        if len(submissions) == 1:
-            self._append(conn, submissions[0])
-            return
         d = self.store.append_many(submissions, self.policy)
         d.addCallbacks(self._stored_many, self._failed, (conn, submissions), None, (conn,))
 
     def _stored_many(self, outcomes: list[Any], conn: ServerConnection, submissions: list[Submission]) -> None:
         failed = None
-        ack = conn.ack
-        SendAck = packets.SendAck
-        # Consecutive single messages of one conversation go out together: each recipient's
-        # connection takes them in one call.
-        run: list[Message] = []
-        audience: Any = None
+        stored: list[Appended] = []
         for outcome, submission in zip(outcomes, submissions):
             if type(outcome) is Appended:
-                # Fanned out even after a failure: the others still get what was stored.
-                messages = outcome.messages
-                first = messages[0]
-                ack(SendAck(first.client_msg_id, 0, first.server_id, first.seq, first.sent_at, len(messages), first.conversation, ""))
-                if outcome.duplicate:
-                    continue
-                if len(messages) == 1:
-                    if run and (
-                        first.conversation != run[0].conversation
-                        or (outcome.audience is not audience and outcome.audience != audience)
-                    ):
-                        self._fan_out_run(run, audience, conn)
-                        run = []
-                    run.append(first)
-                    audience = outcome.audience
-                    continue
-                if run:
-                    self._fan_out_run(run, audience, conn)
-                    run = []
-                self.fan_out(messages, outcome.audience, conn)
+                _ack_stored(conn, outcome.messages)
+                if not outcome.duplicate:
+                    stored.append(outcome)  # fanned out even after a failure: the others get it
             elif isinstance(outcome, (Refused, Rejected)):
-                if outcome.code in (ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.NOT_A_MEMBER):
-                    self.limits.missed(conn, submission.conversation)
-                self._refuse(conn, submission.client_msg_id, outcome.code, outcome.reason)
+                self._refused(conn, submission, outcome)
             elif failed is None:
                 failed = outcome
-        if run:
-            self._fan_out_run(run, audience, conn)
+        # Consecutive single messages of one conversation go to each recipient in one call.
+        for _, run in groupby(stored, _fan_out_key):
+            appended = next(run)
+            rest = list(run)
+            if rest:
+                self._fan_out_run([appended.messages[0]] + [other.messages[0] for other in rest], appended.audience, conn)
+            else:
+                self.fan_out(appended.messages, appended.audience, conn)
         if failed is not None:
             self._failed(Failure(failed), conn)
 
@@ -611,29 +590,22 @@ class Hub:
         self.write_cursors()  # a sync from the server's cursors reads them after what came before
         self._later(conn, self._sync(conn, request))
 
-    def _note_refusal(self, failure: Any, conn: ServerConnection, submission: Submission) -> Any:
-        """A send refused as to an unknown user or a conversation not theirs counts as a probe."""
-        if failure.check(Refused) and failure.value.code in (ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.NOT_A_MEMBER):
-            self.limits.missed(conn, submission.conversation)
-        return failure
+    def _not_stored(self, failure: Any, conn: ServerConnection, submission: Submission) -> None:
+        if failure.check(Refused, Rejected):
+            self._refused(conn, submission, failure.value)
+        else:
+            self._failed(failure, conn)
 
-    def _not_stored(self, failure: Any, conn: ServerConnection, cmid: int) -> None:
-        error = failure.check(Refused, Rejected)
-        if error is not None:
-            self._refuse(conn, cmid, failure.value.code, failure.value.reason)
-            return
-        self._failed(failure, conn)
+    def _refused(self, conn: ServerConnection, submission: Submission, error: Refused | Rejected) -> None:
+        """Answer a refusal; one as to an unknown user or a conversation not theirs counts as a probe."""
+        if isinstance(error, Refused) and error.code in (ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.NOT_A_MEMBER):
+            self.limits.missed(conn, submission.conversation)
+        self._refuse(conn, submission.client_msg_id, error.code, error.reason)
 
     def _stored(self, appended: Appended, conn: ServerConnection) -> None:
-        messages = appended.messages
-        first = messages[0]
-        conn.ack(
-            packets.SendAck(
-                first.client_msg_id, 0, first.server_id, first.seq, first.sent_at, len(messages), first.conversation, ""
-            )
-        )
+        _ack_stored(conn, appended.messages)
         if not appended.duplicate:
-            self.fan_out(messages, appended.audience, conn)
+            self.fan_out(appended.messages, appended.audience, conn)
 
     def fan_out(self, messages: tuple[Message, ...], members: Iterable[str], origin: ServerConnection | None = None) -> None:
         """
@@ -815,6 +787,17 @@ class _FanOut:
 def _digest(token: bytes) -> str:
     """What the store keeps of a resume token: enough to recognise it, useless to a thief of the database."""
     return hashlib.sha256(token).hexdigest()
+
+
+def _ack_stored(conn: ServerConnection, messages: tuple[Message, ...]) -> None:
+    first = messages[0]
+    conn.ack(packets.SendAck(first.client_msg_id, 0, first.server_id, first.seq, first.sent_at, len(messages), first.conversation, ""))
+
+
+def _fan_out_key(appended: Appended) -> Any:
+    """Stored single messages of one conversation and audience share a key; a bundle has its own."""
+    messages = appended.messages
+    return (messages[0].conversation, appended.audience) if len(messages) == 1 else (id(appended),)
 
 
 def _pair(a: str, b: str) -> tuple[str, ...]:

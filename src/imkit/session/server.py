@@ -52,10 +52,6 @@ ALLOWED = {
 _encode_deliver = codec.CODECS[schema.DELIVER].encode
 _encode_send_ack = codec.CODECS[schema.SEND_ACK].encode
 
-_SEND = schema.SEND
-_SendRequested = events.SendRequested
-_decode_body = codec.decode_body
-
 _REQUESTS = frozenset(
     (schema.READ, schema.RECEIPTS_QUERY, schema.TYPING, schema.PRESENCE, schema.QUERY, schema.KEYS_UPLOAD, schema.KEYS_QUERY)
 )
@@ -100,10 +96,6 @@ class ServerConnection:
         found: list[Any] = []
         try:
             for kind, _flags, body in self._reader.feed(data):
-                if kind == _SEND and self.state == READY:
-                    # The hot path, the same as _handle's, without its dispatch.
-                    found.append(_SendRequested(_decode_body(_SEND, body)))
-                    continue
                 allowed = ALLOWED.get(kind)
                 if allowed is None:
                     raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"packet kind {kind:#06x} is not one a client sends")

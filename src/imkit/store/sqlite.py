@@ -741,10 +741,8 @@ class _Part:
         self.gathered = gathered
         self.index = index
 
-    def callback(self, outcome: Any) -> None:
-        self.gathered.fill(self.index, outcome)
-
     def errback(self, failure: Failure) -> None:
+        """The worker failed before running it (see ``_failed``)."""
         self.gathered.fill(self.index, failure.value)
 
 
@@ -1004,12 +1002,8 @@ class SQLiteStore:
     def _deliver(self, outcomes: list[tuple[defer.Deferred, Any]]) -> None:
         """Fire a batch's Deferreds, in the order their calls were made."""
         for deferred, outcome in outcomes:
-            if type(deferred) is _Part:  # inline: one per message of an append_many
-                gathered = deferred.gathered
-                gathered.outcomes[deferred.index] = outcome.value if type(outcome) is Failure else outcome
-                gathered.missing -= 1
-                if not gathered.missing:
-                    gathered.deferred.callback(gathered.outcomes)
+            if type(deferred) is _Part:
+                deferred.gathered.fill(deferred.index, outcome.value if type(outcome) is Failure else outcome)
             elif isinstance(outcome, Failure):
                 deferred.errback(outcome)
             else:
@@ -1102,13 +1096,11 @@ class SQLiteStore:
         gathered = _Gathered(deferred, outcomes, len(submissions))
         put = self._queue.put
         for index, submission in enumerate(submissions):
-            cmid = submission.client_msg_id
-            if not (submission.items and type(cmid) is int and 0 <= cmid < _U64):
-                try:
-                    check_submission(submission)  # for its error
-                except ValueError as error:
-                    gathered.fill(index, error)
-                    continue
+            try:
+                check_submission(submission)
+            except ValueError as error:
+                gathered.fill(index, error)
+                continue
             put(_Operation(_append, (submission, policy), True, _Part(gathered, index)))
         if not submissions:
             deferred.callback(outcomes)

@@ -67,16 +67,14 @@ class FrameReader:
                 raise DecodeError(f"frame of {length} bytes exceeds the limit of {max_frame}", ErrorCode.FRAME_TOO_LARGE)
             if length < _MIN_LENGTH:
                 raise DecodeError(f"frame length {length} is shorter than a frame header")
-            end = pos + _LENGTH_SIZE + length
-            if len(buffer) < end:
-                if len(buffer) - pos >= _HEADER_SIZE and unpack_header(buffer, pos)[1] != version_wanted:
-                    raise DecodeError(
-                        f"protocol version {unpack_header(buffer, pos)[1]} is not {version_wanted}", ErrorCode.UNSUPPORTED_VERSION
-                    )
+            if len(buffer) - pos < _HEADER_SIZE:
                 return
             _, version, flags, kind = unpack_header(buffer, pos)
             if version != version_wanted:
                 raise DecodeError(f"protocol version {version} is not {version_wanted}", ErrorCode.UNSUPPORTED_VERSION)
+            end = pos + _LENGTH_SIZE + length
+            if len(buffer) < end:
+                return
             self._pos = end
             yield kind, flags, bytes(buffer[pos + _HEADER_SIZE : end])
             pos = self._pos
