@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -184,3 +184,11 @@ class ServiceTests(TestCase):
         self.assertTrue(os.path.exists(path))
         with self.assertRaises(Exception):
             yield service.store.head("dm:a:b")
+
+    def test_when_listening_fires_without_endpoints_on_a_synchronous_store(self) -> None:
+        """An in-process server with no listeners (as benchmarks and embedders run it) is ready at once."""
+        service = IMServerService(MemoryStore(), Passwords.fast_for_tests(), [], task.Clock())
+        service.startService()
+        ports = self.successResultOf(service.whenListening())
+        self.assertEqual(ports, [])
+        self.successResultOf(service.stopService())

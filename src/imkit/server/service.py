@@ -53,6 +53,7 @@ class IMServerService(MultiService):
         self.ports: list[IListeningPort] = []
         self._listening: defer.Deferred | None = None
         self._waiting: list[defer.Deferred] = []
+        self._serving = False
         self.stop_reactor_on_failure = False
 
     def startService(self) -> None:
@@ -69,6 +70,7 @@ class IMServerService(MultiService):
             address = port.getHost()
             self.log.info("listening on {host}:{port}", host=getattr(address, "host", address), port=getattr(address, "port", ""))
         self._pruning.start(self.settings.prune_interval, now=True)
+        self._serving = True
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(list(self.ports))
@@ -97,7 +99,7 @@ class IMServerService(MultiService):
 
     def whenListening(self) -> defer.Deferred:
         """Deferred[list[IListeningPort]], fired once every endpoint is listening."""
-        if self.ports and len(self.ports) == len(self.endpoints):
+        if self._serving:
             return defer.succeed(list(self.ports))
         d: defer.Deferred = defer.Deferred()
         self._waiting.append(d)
@@ -110,6 +112,7 @@ class IMServerService(MultiService):
         if self._listening is not None and not self._listening.called:
             self._listening.cancel()
         await super().stopService()
+        self._serving = False
         if self._pruning.running:
             self._pruning.stop()
         ports, self.ports = self.ports, []
