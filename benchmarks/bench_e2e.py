@@ -72,6 +72,7 @@ from _harness import (  # noqa: E402
     ImkitServer,
     LoadMeter,
     Mosquitto,
+    cpu_seconds,
     file_text,
     percentile,
     script,
@@ -491,6 +492,84 @@ def mqtt_client(client_id: str) -> Any:
     return client
 
 
+def role_relay_server(args: argparse.Namespace) -> None:
+    """
+    The ``relay`` system's server: the least a server can do with imkit's wire format, as a
+    yardstick for what the machine allows.  It speaks to the same RawClients over the same TLS
+    settings and codec, acknowledges each Send at once and forwards it to the recipient's
+    connection, one write per connection per read, and keeps nothing: no store, no sessions, no
+    resends, no dedupe, no authentication.
+    """
+    from twisted.internet import defer
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+    from twisted.internet.protocol import Factory
+    from twisted.internet.task import react
+
+    from imkit.model import Message, direct_conversation
+    from imkit.tls import default_cert_paths, server_tls_options
+    from imkit.tuning import tune_garbage_collector
+    from imkit.wire import codec, packets, schema
+    from imkit.wire.framing import FrameReader
+
+    decode_body, encode = codec.decode_body, codec.encode
+    online: dict[str, Relay] = {}
+    heads: dict[str, int] = {}
+    ids = iter(range(1, 2**62))
+
+    class Relay(Protocol):
+        def connectionMade(self) -> None:
+            self.reader = FrameReader()
+            self.user = ""
+            self.device = ""
+            self.out: list[bytes] = []
+
+        def dataReceived(self, data: bytes) -> None:
+            touched = {self}
+            for kind, _flags, body in self.reader.feed(data):
+                if kind == schema.SEND:
+                    send = decode_body(kind, body)
+                    conversation = direct_conversation(self.user, send.target)
+                    seq = heads[conversation] = heads.get(conversation, 0) + 1
+                    server_id = next(ids)
+                    sent_at = int(time.time() * 1000)
+                    self.out.append(encode(packets.SendAck(send.client_msg_id, 0, server_id, seq, sent_at, 1, conversation, "")))
+                    peer = online.get(send.target)
+                    if peer is not None:
+                        message = Message(server_id, conversation, seq, self.user, self.device, send.client_msg_id, sent_at, send.content_type, send.body)
+                        peer.out.append(encode(packets.Deliver(message)))
+                        touched.add(peer)
+                elif kind == schema.HELLO:
+                    self.out.append(encode(packets.HelloOk(schema.PROTOCOL_VERSION, 1 << 20, 30000, "relay")))
+                elif kind == schema.LOGIN:
+                    login = decode_body(kind, body)
+                    self.user, self.device = login.user, login.device
+                    online[self.user] = self
+                    self.out.append(encode(packets.LoginResult(0, int(time.time() * 1000), b"", "")))
+                elif kind == schema.PING:
+                    self.out.append(encode(packets.Pong(decode_body(kind, body).nonce)))
+                elif kind == schema.BYE:
+                    self.transport.loseConnection()
+            for connection in touched:
+                if connection.out:
+                    connection.transport.write(b"".join(connection.out))
+                    connection.out = []
+
+        def connectionLost(self, reason: Any = None) -> None:
+            if online.get(self.user) is self:
+                del online[self.user]
+
+    async def run(reactor: Any) -> None:
+        _ca, cert, key = default_cert_paths()
+        endpoint = SSL4ServerEndpoint(reactor, 0, server_tls_options(cert, key), interface="127.0.0.1")
+        port = await endpoint.listen(Factory.forProtocol(Relay))
+        tune_garbage_collector()
+        emit("listening", port=port.getHost().port)
+        await defer.Deferred()  # until the benchmark stops us
+
+    stop_cleanly_on_sigterm()
+    react(lambda reactor: defer.ensureDeferred(run(reactor)))
+
+
 def role_mqtt_receiver(args: argparse.Namespace) -> None:
     client = mqtt_client(f"bench-recv-{os.getpid()}")
     tally = Tally(args.count)
@@ -583,6 +662,7 @@ ROLES = {
     "imkit-sender": role_imkit_sender,
     "imkit-raw-receiver": role_imkit_raw_receiver,
     "imkit-raw-sender": role_imkit_raw_sender,
+    "relay-server": role_relay_server,
     "mqtt-receiver": role_mqtt_receiver,
     "mqtt-sender": role_mqtt_sender,
 }
@@ -611,7 +691,7 @@ def role_argv(role: str, server: str, opts: argparse.Namespace) -> list[str]:
 
 def drive(system: str, server: Any, opts: argparse.Namespace, cleanup: Cleanup, spy: Any = None) -> dict[str, Any]:
     """Start the receiver, then the sender; say go; wait for both to finish; read the server's CPU."""
-    prefix = {"imkit": "imkit", "imkit/raw": "imkit-raw"}.get(system, "mqtt")
+    prefix = {"imkit": "imkit", "imkit/raw": "imkit-raw", "relay": "imkit-raw"}.get(system, "mqtt")
     receiver = cleanup.child(Child(f"{system} receiver", role_argv(f"{prefix}-receiver", server.server, opts)))
     receiver.wait_json("ready", READY_TIMEOUT + 10)
     sender = cleanup.child(Child(f"{system} sender", role_argv(f"{prefix}-sender", server.server, opts), stdin=subprocess.PIPE))
@@ -666,6 +746,29 @@ def run_imkit(opts: argparse.Namespace, spy: Any = None, system: str = "imkit") 
 def run_imkit_raw(opts: argparse.Namespace) -> dict[str, Any]:
     """The same server with the lean clients (RawClient): what the server itself carries."""
     return run_imkit(opts, system="imkit/raw")
+
+
+class RelayServer:
+    """The ``relay`` system's server (``role_relay_server``) in its own process."""
+
+    def __init__(self, cleanup: Cleanup) -> None:
+        argv = [sys.executable, os.path.abspath(__file__), "relay-server", "--server", "localhost:0"]
+        self.child = cleanup.child(Child("relay server", argv))
+        self.port = self.child.wait_json("listening", READY_TIMEOUT)["port"]
+        self.pid = self.child.pid
+
+    @property
+    def server(self) -> str:
+        return f"localhost:{self.port}"
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+
+def run_relay(opts: argparse.Namespace) -> dict[str, Any]:
+    """RawClients against a relay that stores and tracks nothing: the ceiling of this design here."""
+    with Cleanup() as cleanup:
+        return drive("relay", RelayServer(cleanup), opts, cleanup)
 
 
 def run_mosquitto(opts: argparse.Namespace) -> dict[str, Any]:
@@ -976,6 +1079,7 @@ def parse(argv: list[str] | None) -> tuple[str | None, argparse.Namespace]:
     parser.add_argument("--quick", action="store_true", help="fewer messages")
     parser.add_argument("--no-mosquitto", action="store_true", help="run imkit only")
     parser.add_argument("--no-raw", action="store_true", help="skip imkit/raw (imkit with the lean clients)")
+    parser.add_argument("--no-relay", action="store_true", help="skip relay (a minimal relay that stores nothing: the yardstick)")
     parser.add_argument(
         "--profile",
         nargs="?",
@@ -1021,6 +1125,9 @@ def main(argv: list[str] | None = None) -> int:
         if not opts.no_raw:
             print("imkit/raw: the same server; clients speak the wire protocol directly over TLS, without IMClient's bookkeeping")
             systems.append(("imkit/raw", run_imkit_raw))
+        if not opts.no_relay:
+            print("relay: a minimal Twisted relay (same TLS, codec and lean clients) that acks and forwards, storing and tracking nothing")
+            systems.append(("relay", run_relay))
         if not opts.no_mosquitto:
             print(
                 f"mosquitto: {version(['mosquitto', '-h'])}, our own broker with a TLS listener, QoS 1, persistence on, "

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from imkit.model import Item, Message
+from imkit.slots import slot_setters
 from imkit.wire import codec, schema
 from imkit.wire.codec import decode_body, describe, encode
 from imkit.wire.errors import DecodeError, EncodeError, ErrorCode, ProtocolError
@@ -249,7 +250,7 @@ def test_decoded_objects_are_ordinary_instances(kind: int, data: st.DataObject) 
 def test_every_packet_and_record_class_is_filled_slot_by_slot() -> None:
     """The fast path applies to all of them (a validator added to one would quietly slow it down)."""
     for cls in [*PACKET_CLASSES.values(), *RECORD_CLASSES.values()]:
-        assert codec._slot_setters(cls) is not None, cls
+        assert slot_setters(cls) is not None, cls
     assert "(v_" not in codec.GENERATED_SOURCE  # no decoder calls a class
 
 
@@ -272,11 +273,11 @@ def test_classes_with_validators_are_built_through_init() -> None:
         codecs[0x8001].decode(b"\x0b", 0, 1)
     plain, _ = codec.generate({0x8001: declaration}, {0x8001: Plain})
     assert plain[0x8001].decode(b"\x0b", 0, 1) == Plain(11)
-    assert codec._slot_setters(Checked) is None
-    assert codec._slot_setters(Plain) is not None
+    assert slot_setters(Checked) is None
+    assert slot_setters(Plain) is not None
     bare = {"__annotations__": {"x": int}}
-    assert codec._slot_setters(attrs.define(slots=False, frozen=True)(type("NoSlots", (), dict(bare)))) is None
-    assert codec._slot_setters(attrs.frozen(cache_hash=True)(type("Cached", (), dict(bare)))) is None
+    assert slot_setters(attrs.define(slots=False, frozen=True)(type("NoSlots", (), dict(bare)))) is None
+    assert slot_setters(attrs.frozen(cache_hash=True)(type("Cached", (), dict(bare)))) is None
 
 
 def test_every_kind_has_a_class_and_a_codec() -> None:

@@ -43,6 +43,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from imkit import slots
 from imkit.checks import Rejected, SubmissionCheck
 from imkit.content.pipeline import ContentPipeline
 from imkit.model import Appended, Item, Message, Submission, direct_conversation, direct_members
@@ -410,7 +411,7 @@ class Hub:
                 return
         target_type = packet.target_type
         if type(packet) is packets.Send:
-            items: tuple[Item, ...] = (Item(packet.content_type, packet.body),)
+            items: tuple[Item, ...] = (_new_item(packet.content_type, packet.body),)
             simple = len(packet.body) <= self.settings.max_body
         else:
             items = packet.items
@@ -470,7 +471,7 @@ class Hub:
             self._hand_over(conn)
             conn.ack(packets.SendAck(packet.client_msg_id, int(ErrorCode.RATE_LIMITED), waiting_for, 0, retry_at, 0, "", "rate limited"))
             return
-        submission = Submission(
+        submission = _new_submission(
             sender, conn.device, packet.client_msg_id, conversation, members, int(self.clock.seconds() * 1000), items  # type: ignore[arg-type]
         )
         key = (sender, conn.device)
@@ -789,9 +790,15 @@ def _digest(token: bytes) -> str:
     return hashlib.sha256(token).hexdigest()
 
 
+# Built once or more per message (see imkit.slots).
+_new_item = slots.builder(Item)
+_new_submission = slots.builder(Submission)
+_new_send_ack = slots.builder(packets.SendAck)
+
+
 def _ack_stored(conn: ServerConnection, messages: tuple[Message, ...]) -> None:
     first = messages[0]
-    conn.ack(packets.SendAck(first.client_msg_id, 0, first.server_id, first.seq, first.sent_at, len(messages), first.conversation, ""))
+    conn.ack(_new_send_ack(first.client_msg_id, 0, first.server_id, first.seq, first.sent_at, len(messages), first.conversation, ""))
 
 
 def _fan_out_key(appended: Appended) -> Any:

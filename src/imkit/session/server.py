@@ -349,14 +349,14 @@ class DeliveryWindow:
         if not seqs:
             return
         frames = self._frames
-        resent = self._resent
+        resent = self._resent if len(self._resent) else None  # resends are rare: skip the lookups
         done = 0
         for pending in seqs:
             if pending > seq:
                 break
             key = (conversation, pending)
             del frames[key]
-            if key in resent:
+            if resent is not None:
                 resent.discard(key)
             done += 1
         if done == len(seqs):

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from imkit import rules
+from imkit import rules, slots
 from imkit.model import Appended, Message, Submission, direct_members
 from imkit.rules import Decision, Group, Membership, Policy
 from imkit.store.interface import Flag, IStore, ItemFlag, StoreError, UnknownMessage, UnknownUser, UserExists
@@ -851,8 +851,8 @@ def _append_run(connection: sqlite3.Connection, cache: _AppendCache, run: list[_
             members = known_members.get(conversation)
             if members is None:
                 members = known_members[conversation] = set()
-            missing = [member for member in submission.members if member not in members]
-            if missing:
+            if not members.issuperset(submission.members):
+                missing = [member for member in submission.members if member not in members]
                 connection.executemany(
                     "INSERT OR IGNORE INTO members (conversation, user) VALUES (?, ?)",
                     [(conversation, member) for member in missing],
@@ -866,7 +866,7 @@ def _append_run(connection: sqlite3.Connection, cache: _AppendCache, run: list[_
             body = item.body if type(item.body) is bytes else bytes(item.body)
             seq = head + 1
             rows += (server_id, conversation, seq, sender, device, signed_id, sent_at, item.content_type, body, 0)
-            messages = (Message(server_id, conversation, seq, sender, device, client_msg_id, sent_at, item.content_type, body, 0),)
+            messages = (_new_message(server_id, conversation, seq, sender, device, client_msg_id, sent_at, item.content_type, body, 0),)
             server_id += 1
         else:
             bundle = []
@@ -876,13 +876,13 @@ def _append_run(connection: sqlite3.Connection, cache: _AppendCache, run: list[_
                 seq = head + 1 + index
                 rows += (server_id, conversation, seq, sender, device, signed_id, sent_at, item.content_type, body, remaining)
                 bundle.append(
-                    Message(server_id, conversation, seq, sender, device, client_msg_id, sent_at, item.content_type, body, remaining)
+                    _new_message(server_id, conversation, seq, sender, device, client_msg_id, sent_at, item.content_type, body, remaining)
                 )
                 server_id += 1
             messages = tuple(bundle)
         dedupe_rows += (sender, device, signed_id, conversation, head + 1, count)
         heads[conversation] = touched[conversation] = head + count
-        results.append(Appended(messages, False, entry[1]))
+        results.append(_new_appended(messages, False, entry[1]))
     if rows:
         _insert_many(connection, _INSERT_DEDUPE, _DEDUPE_WIDTH, dedupe_rows)
         _insert_many(connection, _INSERT_MESSAGE, _MESSAGE_WIDTH, rows)
@@ -892,6 +892,10 @@ def _append_run(connection: sqlite3.Connection, cache: _AppendCache, run: list[_
         cache.next_server_id = server_id
     return results
 
+
+# The fast path builds thousands of these a second (see imkit.slots).
+_new_message = slots.builder(Message)
+_new_appended = slots.builder(Appended)
 
 _INSERT_DEDUPE = "INSERT INTO dedupe (sender, sender_device, client_msg_id, conversation, first_seq, count) VALUES "
 _DEDUPE_WIDTH = 6

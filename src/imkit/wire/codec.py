@@ -20,7 +20,6 @@ and that any truncated or garbled body raises ``DecodeError``.
 from __future__ import annotations
 
 import struct
-import types
 from typing import Any, Callable
 
 import attrs
@@ -29,6 +28,7 @@ from construct import Struct as ConstructStruct
 from construct import Flag
 from construct.core import StringEncoded
 
+from imkit.slots import slot_setters
 from imkit.wire import schema
 from imkit.wire.errors import DecodeError, EncodeError, ErrorCode
 from imkit.wire.packets import KIND_OF, PACKET_CLASSES, RECORD_CLASSES
@@ -194,7 +194,7 @@ class _Generator:
                 out.append(f"    {v}, pos = dec_{rec}(buf, pos, end)")
         if not nested:
             out.append("    if pos != end: raise DecodeError('trailing bytes after the packet body')")
-        setters = _slot_setters(cls)
+        setters = slot_setters(cls)
         if setters is None:
             args = ", ".join(f"v_{a.name}" for a in attrs.fields(cls))
             out.append(f"    obj = {cls_name}({args})")
@@ -281,36 +281,6 @@ class _Generator:
         exec(code, self.namespace)
         self.namespace["__source__"] = source
         return self.namespace
-
-
-def _slot_setters(cls: type) -> dict[str, Callable[[Any, Any], None]] | None:
-    """
-    The slot setters of an attrs class whose ``__init__`` does nothing but store its arguments
-    (no validators, converters, hooks or hidden slots such as a cached hash), by field name;
-    None for any other class, which decoders then build by calling it.
-    """
-    if not attrs.has(cls) or cls.__new__ is not object.__new__:
-        return None
-    if hasattr(cls, "__attrs_pre_init__") or hasattr(cls, "__attrs_post_init__"):
-        return None
-    fields = attrs.fields(cls)
-    if any(not a.init or a.validator is not None or a.converter is not None for a in fields):
-        return None
-    slots: set[str] = set()
-    for klass in cls.__mro__[:-1]:
-        if "__slots__" not in klass.__dict__:
-            return None  # instances have a __dict__: not a plain slotted class
-        declared = klass.__dict__["__slots__"]
-        slots.update([declared] if isinstance(declared, str) else declared)
-    if slots - {a.name for a in fields} - {"__weakref__"}:
-        return None
-    setters = {}
-    for a in fields:
-        descriptor = next(k.__dict__[a.name] for k in cls.__mro__ if a.name in k.__dict__)
-        if not isinstance(descriptor, types.MemberDescriptorType):
-            return None
-        setters[a.name] = descriptor.__set__
-    return setters
 
 
 def _check_fields(cls: type, fields: list[_Field]) -> None:
