@@ -2,7 +2,7 @@
 Durable one-to-one throughput over loopback TLS: imkit against Mosquitto (QoS 1) on this machine.
 
 Run ``python benchmarks/bench_e2e.py`` (``--quick`` for one shorter run per system, ``--count N``
-for the number of messages, ``--runs R``; ``--no-raw``, ``--no-mosquitto`` skip systems;
+for the number of messages, ``--runs R``; ``--no-raw``, ``--no-relay``, ``--no-mosquitto`` skip systems;
 ``--profile`` adds a profile of the imkit server: yappi, CPU time per function per thread, or
 ``--profile py-spy``).
 
@@ -38,6 +38,11 @@ imkit runs with two pairs too.  ``imkit``: IMClient, the client an application u
 resends, ordering, cursors).  ``imkit/raw``: the same server with lean clients (``RawClient``)
 that write Send frames and cumulative DeliverAcks straight to the TLS connection, the analogue
 of mosquitto_pub and mosquitto_sub: what the imkit server itself carries.
+
+``relay`` is a yardstick, not a competitor: the same lean clients, TLS settings and codec against
+a minimal Twisted relay (``role_relay_server``) that acknowledges and forwards each Send and
+keeps nothing.  Whatever it reaches is about the most any server of this design can reach on
+this machine, so imkit's figures can be read against it.
 """
 
 from __future__ import annotations
