@@ -4,14 +4,16 @@ Every imkit benchmark in turn: ``python benchmarks/run.py [--quick] [--count N] 
 1. ``bench_codec.py``: encode and decode cost per frame (generated codec, construct, struct).
 2. ``bench_server.py``: the server alone, in process, without TLS or client processes: CPU per
    message of the hub, sessions and SQLite store (the steadiest figure for the hot path).
-3. ``bench_e2e.py``: durable 1:1 throughput, latency and CPU per message over loopback TLS,
-   imkit against Mosquitto (QoS 1).
-4. ``bench_pipeline.py``: ``seq | imkit send`` into ``imkit listen`` against
+3. ``bench_sqlite_layout.py``: the SQLite writer's CPU per message, today's layout against a
+   segment layout (a run of messages in one row).
+4. ``bench_e2e.py``: durable 1:1 throughput, latency and CPU per message over loopback TLS,
+   imkit against Mosquitto (QoS 1) and against a relay that stores nothing.
+5. ``bench_pipeline.py``: ``seq | imkit send`` into ``imkit listen`` against
    ``seq | mosquitto_pub`` into ``mosquitto_sub``.
-5. ``bench_group.py``: fan-out to a group of 1,000 members with 200 online over loopback TLS:
+6. ``bench_group.py``: fan-out to a group of 1,000 members with 200 online over loopback TLS:
    latency to the last online member, server CPU per message and per delivered copy, and the
    rate a pipelined sender sustains.
-6. ``bench_attack.py``: an honest chat's latency p50/p99, quiet and while a local attacker runs
+7. ``bench_attack.py``: an honest chat's latency p50/p99, quiet and while a local attacker runs
    slowloris, a connection flood, oversized frames and slow readers against the server.
 
 Each runs as a process of its own, with the working tree's ``src`` first on the path; a failing
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     benchmarks = [
         ("bench_codec.py", quick),
         ("bench_server.py", ["--count", "5000"] if opts.quick else []),
+        ("bench_sqlite_layout.py", ["--count", "10000", "--runs", "1"] if opts.quick else []),
         ("bench_e2e.py", quick + count + (["--profile"] if opts.profile else [])),
         ("bench_pipeline.py", quick + count),
         ("bench_group.py", quick),
