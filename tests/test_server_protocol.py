@@ -470,3 +470,77 @@ class ResumeTokenTests(SynchronousTestCase):
         self.assertIn(events.CloseConnection, [type(e) for e in connect()])
         self.assertIn(events.LoggedIn, [type(e) for e in connect()])
         self.assertEqual(methods, [schema.LOGIN_PASSWORD, schema.LOGIN_TOKEN, schema.LOGIN_TOKEN, schema.LOGIN_PASSWORD])
+
+
+class SlowVisibilityStore(MemoryStore):
+    """A MemoryStore whose visibility answers wait for the test, and that refuses work once closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[tuple[defer.Deferred, Any]] = []
+        self.closed = False
+
+    def visibility(self, conversation: str, user: str) -> defer.Deferred:
+        answer = super().visibility(conversation, user).result
+        d: defer.Deferred = defer.Deferred()
+        self.waiting.append((d, answer))
+        return d
+
+    def set_cursor(self, user: str, device: str, conversation: str, seq: int) -> defer.Deferred:
+        if self.closed:
+            return defer.fail(RuntimeError("the store is closed"))
+        return super().set_cursor(user, device, conversation, seq)
+
+    def close(self) -> defer.Deferred:
+        self.closed = True
+        return super().close()
+
+
+class StoppingTests(SynchronousTestCase):
+    """Stopping the service lets the hub's unfinished work finish before the store closes."""
+
+    def setUp(self) -> None:
+        from imkit.server.service import IMServerService
+
+        self.clock = Clock()
+        self.store = SlowVisibilityStore()
+        passwords = Passwords.fast_for_tests()
+        for user in ("alice", "bob"):
+            passwords.hash(f"{user}-secret").addCallback(lambda h, u=user: self.store.add_user(u, h))
+        self.service = IMServerService(self.store, passwords, [], self.clock, ServerSettings(stop_timeout=10.0))
+        self.service.startService()
+        self.logged: list[dict] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+        alice, self.bob = Peer(self.service.factory), Peer(self.service.factory)
+        alice.login("alice", "alice-secret")
+        self.bob.login("bob", "bob-secret")
+        alice.send(codec.encode(packets.Send(1, schema.TARGET_USER, "bob", "text/plain", b"bye")))
+        # Bob's first ack of the conversation: the hub asks the store whether he may see it.
+        self.bob.send(codec.encode(packets.DeliverAck("dm:alice:bob", 1)))
+        self.assertEqual(len(self.store.waiting), 1)
+
+    def errors(self) -> list[dict]:
+        return [event for event in self.logged if event.get("log_failure") is not None]
+
+    def test_a_first_ack_under_way_is_recorded_before_the_store_closes(self) -> None:
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)
+        self.assertFalse(self.store.closed)
+        answer, span = self.store.waiting.pop()
+        answer.callback(span)
+        self.successResultOf(stopped)
+        self.assertTrue(self.store.closed)
+        self.assertEqual(self.store.cursors("bob", "phone").result, {"dm:alice:bob": 1})
+        self.assertEqual(self.errors(), [])
+
+    def test_work_that_never_finishes_delays_the_stop_only_by_stop_timeout(self) -> None:
+        stopped = self.service.stopService()
+        self.clock.advance(9.9)
+        self.assertNoResult(stopped)
+        self.clock.advance(0.1)
+        self.successResultOf(stopped)
+        self.assertTrue(self.store.closed)
+        self.assertTrue(any("unfinished" in event.get("log_format", "") for event in self.logged))

@@ -121,6 +121,9 @@ class Hub:
         """Delivery cursors acknowledged this reactor turn, written together at its end (in a group
         every member acknowledges every message): (user, device, conversation) -> seq."""
         self._cursor_flush: Any = None
+        self._in_flight: set[defer.Deferred] = set()
+        """Work that reads or writes the store across several steps (logins, syncs, requests, first
+        acks, checks): stopping waits for it before the store closes (``settle``)."""
         self.requests = Requests(self)
         self.keys = KeyDirectory(self)
         """End-to-end encryption's key directory (``imkit.server.keys``)."""
@@ -201,8 +204,45 @@ class Hub:
             self.connection_lost(conn)
 
     def _later(self, conn: ServerConnection, coroutine: Any) -> None:
-        d = defer.ensureDeferred(coroutine)
+        d = self.track(defer.ensureDeferred(coroutine))
         d.addErrback(self._failed, conn)
+
+    def track(self, d: defer.Deferred) -> defer.Deferred:
+        """Count ``d`` as work in flight until it fires (see ``settle``); returns it."""
+        in_flight = self._in_flight
+
+        def finished(result: Any) -> Any:
+            in_flight.discard(d)
+            return result
+
+        in_flight.add(d)
+        d.addBoth(finished)
+        return d
+
+    async def settle(self, timeout: float) -> bool:
+        """
+        Wait for the work in flight, and for any it starts, at most ``timeout`` seconds; True if
+        it all finished.  Stopping calls it after closing every connection, so a login or a
+        first ack halfway through does not meet a closed store.
+        """
+        deadline = self.clock.seconds() + timeout
+        while self._in_flight:
+            remaining = deadline - self.clock.seconds()
+            if remaining <= 0:
+                self.log.warn("stopping with {count} requests unfinished", count=len(self._in_flight))
+                return False
+            woken: defer.Deferred = defer.Deferred()
+
+            def wake(_: Any = None) -> None:
+                if not woken.called:
+                    woken.callback(None)
+
+            defer.DeferredList(list(self._in_flight)).addBoth(wake)
+            timer = self.clock.callLater(remaining, wake)
+            await woken
+            if timer.active():
+                timer.cancel()
+        return True
 
     def _failed(self, failure: Any, conn: ServerConnection) -> None:
         """A bug or a store failure: drop this connection (its client will retry), keep serving."""
@@ -315,7 +355,7 @@ class Hub:
             return False
         if self.passwords.needs_rehash(stored):
             # The hash was made with weaker parameters than today's: replace it while we have the password.
-            d = defer.ensureDeferred(self._rehash(request.user, password))
+            d = self.track(defer.ensureDeferred(self._rehash(request.user, password)))
             d.addErrback(lambda failure: self.log.failure("could not rehash a password", failure))
         return True
 
@@ -671,7 +711,7 @@ class Hub:
         else:
             # The first ack of a conversation on this connection: is it one the user may see?
             # (Otherwise anyone could fill the store with cursors for made-up conversations.)
-            d = defer.ensureDeferred(self._first_ack(conn, conversation, seq))
+            d = self.track(defer.ensureDeferred(self._first_ack(conn, conversation, seq)))
             d.addErrback(lambda failure: self.log.failure("could not record a delivery cursor", failure))
 
     def write_cursors(self) -> None:

@@ -80,7 +80,7 @@ class Requests:
 
     def _quietly(self, coroutine: Any) -> None:
         """Presence is best effort: a failure is logged, and costs nobody their connection."""
-        d = defer.ensureDeferred(coroutine)
+        d = self.hub.track(defer.ensureDeferred(coroutine))
         d.addErrback(lambda failure: self.log.failure("could not tell contacts about presence", failure))
 
     # Presence ----------------------------------------------------------------------------------

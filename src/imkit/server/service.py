@@ -119,5 +119,7 @@ class IMServerService(MultiService):
         await defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
         self.hub.shutdown()
         self.factory.coalescer.flush()
+        await self.hub.settle(self.settings.stop_timeout)
+        self.hub.write_cursors()  # any a first ack gathered while settling
         await self.store.close()
         self.log.info("store {store} closed", store=self.store.description)

@@ -18,6 +18,8 @@ class ServerSettings:
     """A connection that sends nothing for this long is closed."""
     login_timeout: float = 20.0
     """Hello and login must be done within this long of connecting."""
+    stop_timeout: float = 10.0
+    """On stop, logins, syncs and requests under way get this long to finish before the store closes."""
     ack_timeout: float = 5.0
     """First resend of an unacknowledged delivery after this long; doubles up to ack_timeout_max."""
     ack_timeout_max: float = 60.0
