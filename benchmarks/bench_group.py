@@ -489,8 +489,8 @@ def parse(argv: list[str] | None) -> tuple[str | None, argparse.Namespace]:
     parser.add_argument(
         "--ack-delay",
         type=float,
-        default=0.0,
-        help="the members' ClientSettings.ack_delay: seconds a delivery ack may wait to cover more (default 0: none)",
+        default=0.05,
+        help="the members' ClientSettings.ack_delay: seconds a delivery ack may wait to cover more (default 0.05, the client's own; 0: none)",
     )
     parser.add_argument("--timeout", type=float, default=None, help="seconds a phase may take at most (default: from the sizes)")
     parser.add_argument("--quick", action="store_true", help="a small, fast smoke run")
@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"imkit: twistd -n imkit, SQLite store, fan_out_slice 500; online members in {min(opts.procs, opts.online)} client "
         f"processes of {' + '.join(str(count) for _, count in split(opts.online, opts.procs))} IMClients"
-        f"{f' (ack_delay {opts.ack_delay:g} s)' if opts.ack_delay else ''}, the sender in one more; "
+        f" (ack_delay {opts.ack_delay:g} s), the sender in one more; "
         f"Python {sys.version.split()[0]}"
     )
     load = LoadMeter()

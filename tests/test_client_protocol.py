@@ -257,13 +257,16 @@ class ProtocolTests(unittest.SynchronousTestCase):
         self.assertEqual([p.body for p in self.link.packets_of(packets.Send)], [b"0", b"1", b"2"])
 
     def test_received_data_is_answered_in_one_write(self) -> None:
-        """The acks for a burst of deliveries go out in one write at the end of dataReceived."""
+        """The acks for a burst of deliveries wait ack_delay (0.05 s by default), then go out as one write."""
+        self.assertEqual(ClientSettings().ack_delay, 0.05)
         self.link.catch_up(ranges=(packets.Range("c", 0, 0),))
         self.link.pull()
         self.transport.writes.clear()
         for seq in (1, 2, 3):
             self.link.server.deliver(message("c", seq))
         self.link.push()
+        self.assertEqual(self.transport.writes, [])
+        self.clock.advance(NO_JITTER.ack_delay)
         self.assertEqual(len(self.transport.writes), 1)
         self.link.pull()
         self.assertEqual(self.link.packets_of(packets.DeliverAck), [packets.DeliverAck("c", 3)])
