@@ -413,7 +413,10 @@ class PresenceTests(ConversationTestCase):
         self.reactor.advance(2)  # the reconnection delay
         self.pump()
         self.assertTrue(alice.logged_in)
-        self.assertEqual(self.presences("bob/phone")[-2:], [("alice", "online", ""), ("alice", "busy", "still in a meeting")])
+        # What the client says again at login is what bob hears: no "online" flicker before it.
+        self.assertEqual(self.presences("bob/phone")[-2:], [("alice", "offline", ""), ("alice", "busy", "still in a meeting")])
+        self.reactor.advance(ServerSettings().presence_grace)
+        self.assertEqual(self.presences("bob/phone")[-1], ("alice", "busy", "still in a meeting"))
         stopped = bob.stopService()
         self.pump()
         self.successResultOf(stopped)

@@ -40,6 +40,7 @@ QUIET = dict(
     idle_timeout=1_000_000.0,
     login_timeout=1_000_000.0,
     token_ttl=10_000_000.0,
+    presence_grace=0.0,  # arrivals announced at once (PresenceGraceTests cover the default)
 )
 
 AB = direct_conversation("alice", "bob")
@@ -1115,6 +1116,63 @@ class PresenceTests(Base):
         alice.send(*(packets.Presence(schema.PRESENCE_BUSY, "%d" % i) for i in range(7)))
         self.pump()
         self.assertEqual([n.text for n in bob.take()], ["0", "1", "2", "3", "4"])
+
+
+class PresenceGraceTests(Base):
+    """With ``presence_grace`` (1 s by default), a login is announced only if the client says nothing first."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.start(presence_grace=ServerSettings().presence_grace)
+        self.befriend("alice", "bob")
+        self.bob = self.login("bob")
+        self.clock.advance(5)
+
+    def test_a_silent_client_is_announced_after_the_grace(self) -> None:
+        alice = self.login("alice")
+        self.assertEqual(alice.take(), [packets.PresenceNotice(schema.PRESENCE_ONLINE, "bob", "")])
+        self.clock.advance(0.9)
+        self.assertEqual(self.bob.take(), [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.bob.take(), [packets.PresenceNotice(schema.PRESENCE_ONLINE, "alice", "")])
+        self.assertEqual(alice.take(), [], "nobody tells alice she came")
+
+    def test_a_client_reconnecting_invisible_is_never_seen_online(self) -> None:
+        for _ in range(2):
+            alice = self.login("alice")
+            alice.send(packets.Presence(schema.PRESENCE_OFFLINE, ""))  # what IMClient repeats at login
+            self.clock.advance(5)
+            alice.disconnect()
+            self.clock.advance(5)
+            self.assertEqual(self.bob.take(), [])
+
+    def test_a_client_stating_its_presence_is_announced_with_it_once(self) -> None:
+        alice = self.login("alice")
+        alice.send(packets.Presence(schema.PRESENCE_AWAY, "lunch"))
+        self.clock.advance(5)
+        self.assertEqual(self.bob.take(), [packets.PresenceNotice(schema.PRESENCE_AWAY, "alice", "lunch")])
+
+    def test_contacts_logging_in_during_the_grace_hear_of_it_when_it_ends(self) -> None:
+        alice = self.login("alice")
+        bobs_laptop = self.login("bob", "laptop")  # not an arrival: bob is online already
+        self.assertEqual(bobs_laptop.take(), [], "alice has not been announced yet")
+        self.clock.advance(1)
+        self.assertEqual(bobs_laptop.take(), [packets.PresenceNotice(schema.PRESENCE_ONLINE, "alice", "")])
+        self.assertEqual(alice.take(), [packets.PresenceNotice(schema.PRESENCE_ONLINE, "bob", "")])
+
+    def test_gone_within_the_grace_is_neither_online_nor_offline(self) -> None:
+        alice = self.login("alice")
+        self.clock.advance(0.5)
+        alice.disconnect()
+        self.clock.advance(5)
+        self.assertEqual(self.bob.take(), [])
+
+    def test_stopping_announces_no_more_arrivals(self) -> None:
+        self.login("alice")
+        self.hub.shutdown()
+        self.clock.advance(5)
+        self.assertEqual(self.bob.take(packets.PresenceNotice), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class QueryTests(Base):

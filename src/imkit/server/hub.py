@@ -151,6 +151,7 @@ class Hub:
         """Say goodbye to every connection (unacknowledged sends will be resent elsewhere)."""
         self.stopping = True
         self.limits.stop()
+        self.requests.stop()
         self._stop_account_checks()
         self.write_cursors()
         for devices in list(self._online.values()):

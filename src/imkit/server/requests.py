@@ -38,6 +38,8 @@ class Requests:
         self._buckets: dict[ServerConnection, TokenBucket] = {}
         self._presence: dict[str, tuple[int, str]] = {}
         """What users said of themselves (status, text), while any of their devices is online."""
+        self._arriving: dict[str, Any] = {}
+        """user -> the DelayedCall that will tell their contacts they came (``presence_grace``)."""
 
     # Hub hooks ---------------------------------------------------------------------------------
 
@@ -74,6 +76,10 @@ class Requests:
         if user is None or self.hub.online(user) or self.hub.stopping:
             return
         said = self._presence.pop(user, None)
+        arrival = self._arriving.pop(user, None)
+        if arrival is not None:
+            arrival.cancel()
+            return  # gone before their arrival was announced: nobody saw them come
         if said is not None and said[0] == schema.PRESENCE_OFFLINE:
             return  # invisible all along: nobody saw them arrive either
         self._quietly(self._announce(user, schema.PRESENCE_OFFLINE, ""))
@@ -90,12 +96,28 @@ class Requests:
         assert user is not None
         friends = await self._mutual_contacts(user)
         for friend in sorted(friends):
-            if self.hub.online(friend):
+            if self.hub.online(friend) and friend not in self._arriving:  # an arriving one is told of later
                 status, text = self._presence.get(friend, (schema.PRESENCE_ONLINE, ""))
                 if status != schema.PRESENCE_OFFLINE and conn.state == READY:
                     conn.send_packet(packets.PresenceNotice(status, friend, text))
         if len(self.hub.online(user)) == 1 and user not in self._presence:
-            await self._announce(user, schema.PRESENCE_ONLINE, "", friends, exclude=conn)
+            grace = self.hub.settings.presence_grace
+            if grace > 0 and user not in self._arriving:
+                # The client may say it is invisible (or away) first: then that is all they hear.
+                self._arriving[user] = self.hub.clock.callLater(grace, self._arrival_due, user)
+            elif grace <= 0:
+                await self._announce(user, schema.PRESENCE_ONLINE, "", friends, exclude=conn)
+
+    def _arrival_due(self, user: str) -> None:
+        del self._arriving[user]
+        # Contacts as they are now (they may have changed during the grace); not the user's own devices.
+        self._quietly(self._announce(user, schema.PRESENCE_ONLINE, "", to_self=False))
+
+    def stop(self) -> None:
+        """The server is stopping: announce no more arrivals."""
+        for arrival in self._arriving.values():
+            arrival.cancel()
+        self._arriving.clear()
 
     async def _set_presence(self, conn: ServerConnection, packet: packets.Presence) -> None:
         user = conn.user
@@ -104,13 +126,22 @@ class Requests:
             return
         text = packet.text[:200]
         self._presence[user] = (packet.status, text)
+        arrival = self._arriving.pop(user, None)
+        if arrival is not None:
+            arrival.cancel()  # their own word replaces the announcement of their arrival
+            if packet.status == schema.PRESENCE_OFFLINE:
+                # Invisible from the start: only their own devices hear it, nobody was told they came.
+                await self._announce(user, packet.status, text, set(), exclude=conn)
+                return
         await self._announce(user, packet.status, text, exclude=conn)
 
-    async def _announce(self, user: str, status: int, text: str, friends: set[str] | None = None, exclude: Any = None) -> None:
+    async def _announce(
+        self, user: str, status: int, text: str, friends: set[str] | None = None, exclude: Any = None, to_self: bool = True
+    ) -> None:
         if friends is None:
             friends = await self._mutual_contacts(user)
         notice = packets.PresenceNotice(status, user, text)
-        for friend in friends | {user}:
+        for friend in friends | {user} if to_self else friends:
             for device in self.hub.online(friend):
                 if device is not exclude and device.state == READY:
                     device.send_packet(notice)

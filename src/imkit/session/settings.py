@@ -61,6 +61,12 @@ class ServerSettings:
     """Up to this many members, receipt answers list every reader, not just counts."""
     typing_interval: float = 1.0
     """A device may send one typing or presence packet per this many seconds; more are dropped."""
+    presence_grace: float = 1.0
+    """
+    A user's first device to log in is announced online to their contacts this long after the
+    login, unless it states its presence first: a client that reconnects invisible (it says so
+    right after its login) is then never seen online.  0: at once.
+    """
     # Resource and rate limits (imkit.server.limits) --------------------------------------------
     handshake_timeout: float = 10.0
     """A TLS connection whose handshake is not done this long after connecting is dropped."""
