@@ -95,6 +95,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["listen"], ["tls:14000"])
         self.assertIsInstance(options.store, SQLiteStore)
         self.assertEqual(options.store.path, os.path.abspath("imkit.sqlite3"))
+        self.assertEqual(options.settings.stop_timeout, 10.0)
+        self.assertEqual(parse("--stop-timeout", "2.5").settings.stop_timeout, 2.5)
 
     def test_forms_scripts_rely_on(self) -> None:
         options = parse("--listen", "tls:0:interface=127.0.0.1", "--listen", "tcp:0:interface=127.0.0.1", "--store", "memory:")
@@ -106,6 +108,7 @@ class OptionsTests(SynchronousTestCase):
             ("--store", "redis:x"): "use sqlite:PATH or memory:",
             ("--heartbeat", "soon"): "--heartbeat takes a number",
             ("--max-unacked", "0"): "greater than 0",
+            ("--stop-timeout", "-1"): "greater than 0",
             ("--tls-cert", "a.pem"): "pass --tls-cert and --tls-key together",
             ("--tls-profile", "old"): "intermediate or modern",
             ("--extension", "nope"): "MODULE:ATTRIBUTE",

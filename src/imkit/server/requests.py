@@ -102,11 +102,11 @@ class Requests:
                     conn.send_packet(packets.PresenceNotice(status, friend, text))
         if len(self.hub.online(user)) == 1 and user not in self._presence:
             grace = self.hub.settings.presence_grace
-            if grace > 0 and user not in self._arriving:
+            if grace <= 0:
+                await self._announce(user, schema.PRESENCE_ONLINE, "", friends, exclude=conn)
+            elif user not in self._arriving:
                 # The client may say it is invisible (or away) first: then that is all they hear.
                 self._arriving[user] = self.hub.clock.callLater(grace, self._arrival_due, user)
-            elif grace <= 0:
-                await self._announce(user, schema.PRESENCE_ONLINE, "", friends, exclude=conn)
 
     def _arrival_due(self, user: str) -> None:
         del self._arriving[user]
